@@ -1,0 +1,39 @@
+# Two commands on a fresh machine: `make run` and `make test`.
+# Each creates .venv when it is missing and installs what it needs.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: run test check lint typecheck pytest system-tools clean
+
+run: $(STAMP)
+	$(BIN)/mtlsproxy quickstart
+
+test: $(STAMP) system-tools check pytest
+
+check: lint typecheck
+
+lint: $(STAMP)
+	$(BIN)/ruff check mtlsproxy tests
+	$(BIN)/ruff format --check mtlsproxy tests
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP) system-tools
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+system-tools:
+	@scripts/ensure-system-tools curl openssl
+
+# Re-install when pyproject.toml changes; the stamp keeps `make test` fast otherwise.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $@
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis mtlsproxy.egg-info

@@ -1,0 +1,3 @@
+"""mtlsproxy: a mutual-TLS reverse proxy that trusts only your own CA."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,165 @@
+"""The ``mtlsproxy`` command: argparse in, one function per verb, project errors out.
+
+Exit codes: 0 success; 2 bad input (usage, config, credential files); 1 anything else the
+project refused or could not do; 130 interrupted. Errors print one line to stderr, never a
+traceback: a traceback on a bad config is a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import msgspec
+
+from mtlsproxy import __version__, pem, quickstart
+from mtlsproxy.check import check_config
+from mtlsproxy.errors import MtlsProxyError
+from mtlsproxy.pki import KEY_TYPES, CertificateAuthority, KeyType
+from mtlsproxy.pki.ca import DEFAULT_ISSUER_TTL, DEFAULT_ROOT_TTL
+from mtlsproxy.pki.describe import render, summarize
+from mtlsproxy.units import format_duration, parse_duration
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return handler(args)
+    except MtlsProxyError as exc:
+        print(f"mtlsproxy: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text).total_seconds()
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mtlsproxy", description="A mutual-TLS reverse proxy that trusts only your own CA."
+    )
+    parser.add_argument("--version", action="version", version=f"mtlsproxy {__version__}")
+    verbs = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    check = verbs.add_parser("check", help="load a config and the files it names; report")
+    check.add_argument("--config", required=True, type=Path, metavar="FILE")
+    check.set_defaults(handler=_check)
+
+    quick = verbs.add_parser("quickstart", help="a CA, certificates and a config, ready to try")
+    quick.add_argument("--dir", type=Path, default=Path("mtlsproxy-quickstart"))
+    quick.set_defaults(handler=_quickstart)
+
+    ca = verbs.add_parser("ca", help="the private CA: init, issue, show").add_subparsers(
+        title="ca commands", metavar="COMMAND"
+    )
+    init = ca.add_parser("init", help="create a root and an issuing CA in a folder")
+    init.add_argument("--dir", required=True, type=Path)
+    init.add_argument("--name", default="mtlsproxy", help="names the CAs (default: mtlsproxy)")
+    init.add_argument("--key-type", choices=KEY_TYPES, default="ecdsa-p256")
+    init.add_argument(
+        "--root-ttl", type=_duration, default=DEFAULT_ROOT_TTL.total_seconds(), metavar="TTL"
+    )
+    init.add_argument(
+        "--issuer-ttl", type=_duration, default=DEFAULT_ISSUER_TTL.total_seconds(), metavar="TTL"
+    )
+    init.add_argument("--force", action="store_true", help="replace an existing CA")
+    init.set_defaults(handler=_ca_init)
+
+    issue = ca.add_parser("issue", help="issue a server or client certificate")
+    issue.add_argument("--dir", required=True, type=Path, help="the CA folder")
+    issue.add_argument("--kind", required=True, choices=("server", "client"))
+    issue.add_argument("--name", required=True, help="the subject CN")
+    issue.add_argument("--dns", action="append", default=[], metavar="NAME")
+    issue.add_argument("--ip", action="append", default=[], metavar="ADDR")
+    issue.add_argument("--uri", action="append", default=[], metavar="URI")
+    issue.add_argument("--ou", action="append", default=[], metavar="UNIT")
+    issue.add_argument("--ttl", type=_duration, default=24 * 3600.0, help="default 24h")
+    issue.add_argument("--key-type", choices=KEY_TYPES, default="ecdsa-p256")
+    issue.add_argument("--out", required=True, type=Path, metavar="PREFIX")
+    issue.set_defaults(handler=_ca_issue)
+
+    show = ca.add_parser("show", help="describe the certificates in a PEM file")
+    show.add_argument("file", type=Path)
+    show.add_argument("--json", action="store_true", help="one JSON object per certificate")
+    show.set_defaults(handler=_ca_show)
+    return parser
+
+
+def _check(args: argparse.Namespace) -> int:
+    print(check_config(args.config))
+    return 0
+
+
+def _quickstart(args: argparse.Namespace) -> int:
+    return quickstart.run(args.dir)
+
+
+def _ca_init(args: argparse.Namespace) -> int:
+    ca = CertificateAuthority.init(
+        args.dir,
+        name=args.name,
+        key_type=args.key_type,
+        root_ttl=timedelta(seconds=args.root_ttl),
+        issuer_ttl=timedelta(seconds=args.issuer_ttl),
+        force=args.force,
+    )
+    print(f"created a CA in {args.dir}")
+    for role, cert in (("root", ca.root), ("issuer", ca.issuer)):
+        print(f"  {role:<7} {cert.subject.rfc4514_string()}, until {cert.not_valid_after_utc:%F}")
+    print(f"  trust bundle: {args.dir / 'ca.crt'}  (point client_ca and clients' verify here)")
+    return 0
+
+
+def _ca_issue(args: argparse.Namespace) -> int:
+    key_type: KeyType = args.key_type
+    ca = CertificateAuthority.load(args.dir)
+    issued = ca.issue(
+        kind=args.kind,
+        name=args.name,
+        dns=args.dns,
+        ips=args.ip,
+        uris=args.uri,
+        ous=args.ou,
+        ttl=timedelta(seconds=args.ttl),
+        key_type=key_type,
+    )
+    cert_path, key_path = issued.write(args.out)
+    summary = summarize(issued.certificate)
+    print(f"issued a {args.kind} certificate for {summary.subject}")
+    print(f"  SANs         {', '.join(summary.sans) or '(none)'}")
+    print(f"  fingerprint  {summary.fingerprint}")
+    left = format_duration(summary.not_after - datetime.now(UTC))
+    print(f"  valid until  {summary.not_after:%Y-%m-%d %H:%M:%S}Z ({left} from now)")
+    print(f"  wrote        {cert_path} (leaf + chain), {key_path} (0600)")
+    return 0
+
+
+def _ca_show(args: argparse.Namespace) -> int:
+    certs = pem.load_certificates(pem.read_file(args.file), args.file)
+    summaries = [summarize(c) for c in certs]
+    if args.json:
+        for s in summaries:
+            print(msgspec.json.encode(s).decode())
+        return 0
+    for n, s in enumerate(summaries):
+        if len(certs) > 1:
+            print(f"--- certificate {n + 1} of {len(certs)}")
+        print(render(s))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

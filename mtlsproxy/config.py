@@ -1,0 +1,250 @@
+"""The proxy's configuration: frozen msgspec Structs read from TOML, checked once at start.
+
+A misspelt key, a wrong type, a bad duration or a missing file fails here, with the file,
+the key path (``listeners[0].routes[1].backends``) and what is wrong, never on the first
+connection and never as a traceback. Relative paths resolve against the config file's
+folder, so a config and its certificates can move together.
+
+The documented meaning and default of every key lives in README.md ("Configuration");
+keep the two in step: the key names are public surface.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+from mtlsproxy.address import Address, parse_address
+from mtlsproxy.errors import ConfigError
+from mtlsproxy.units import parse_duration, parse_size
+
+
+class Duration:
+    """A length of time as the config writes it (``"5s"``, ``"250ms"``), in ``.seconds``."""
+
+    __slots__ = ("seconds", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.seconds = parse_duration(text).total_seconds()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Duration) and self.seconds == other.seconds
+
+    def __hash__(self) -> int:
+        return hash(self.seconds)
+
+    def __repr__(self) -> str:
+        return f"Duration({self.text!r})"
+
+
+class ByteSize(int):
+    """A byte count written as ``16KiB``, ``1GiB`` or a plain integer."""
+
+
+class Struct(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class AllowRule(Struct, frozen=True):
+    """Every field given must match (AND); a route admits when any of its rules matches (OR)."""
+
+    cn: str | None = None
+    ou: str | None = None
+    dns: str | None = None
+    uri: str | None = None
+    uri_prefix: str | None = None
+    sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        if not any(getattr(self, f) for f in self.__struct_fields__):
+            raise ValueError(
+                "an allow rule needs at least one of cn, ou, dns, uri, uri_prefix, sha256"
+            )
+        if self.sha256 is not None:
+            digest = self.sha256.lower().removeprefix("sha256:").replace(":", "")
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise ValueError("sha256 takes 64 hex digits (as `mtlsproxy ca show` prints)")
+
+
+def _check_allow(allow: list[AllowRule] | None) -> None:
+    if allow is not None and not allow:
+        raise ValueError(
+            "allow = [] would admit no one; remove the key to admit every client "
+            "certificate the CA issued, or add rules"
+        )
+
+
+class Route(Struct, frozen=True):
+    backends: Annotated[list[Address], Meta(min_length=1)]
+    path_prefix: str = "/"
+    host: str | None = None
+    # None (the key absent): every client holding a certificate from client_ca.
+    allow: list[AllowRule] | None = None
+    tls: bool = False
+    connect_timeout: Duration = Duration("5s")
+    read_timeout: Duration = Duration("60s")
+
+    def __post_init__(self) -> None:
+        if not self.path_prefix.startswith("/"):
+            raise ValueError(f"path_prefix {self.path_prefix!r} must start with '/'")
+        _check_allow(self.allow)
+
+
+class Listener(Struct, frozen=True):
+    listen: Address
+    mode: Literal["http", "tcp"] = "http"
+    name: str | None = None
+    routes: list[Route] = []
+    # mode = "tcp": where the bytes go and who may send them.
+    backends: list[Address] = []
+    allow: list[AllowRule] | None = None
+    max_connections: Annotated[int, Meta(ge=1)] = 10_000
+    header_timeout: Duration = Duration("10s")
+    idle_timeout: Duration = Duration("60s")
+    max_header_size: ByteSize = ByteSize(16 * 1024)
+    max_body_size: ByteSize = ByteSize(0)  # 0: no limit (bodies stream, never buffer)
+
+    def __post_init__(self) -> None:
+        if self.mode == "http":
+            if not self.routes:
+                raise ValueError("an http listener needs at least one [[listeners.routes]]")
+            if self.backends or self.allow is not None:
+                raise ValueError("backends and allow go on routes for an http listener")
+        else:
+            if self.routes:
+                raise ValueError("a tcp listener takes backends (and allow), not routes")
+            if not self.backends:
+                raise ValueError("a tcp listener needs backends")
+            _check_allow(self.allow)
+        if not 1024 <= self.max_header_size <= 1024 * 1024:
+            raise ValueError("max_header_size must be between 1KiB and 1MiB")
+
+    @property
+    def label(self) -> str:
+        return self.name or str(self.listen)
+
+
+class TLS(Struct, frozen=True):
+    cert: Path
+    key: Path
+    client_ca: Path
+    deny: Path | None = None
+    min_version: Literal["1.2", "1.3"] = "1.2"
+    handshake_timeout: Duration = Duration("10s")
+    reload_interval: Duration = Duration("2s")
+
+
+class Admin(Struct, frozen=True):
+    listen: Address = Address("127.0.0.1", 9901)
+
+
+class Config(Struct, frozen=True):
+    tls: TLS
+    listeners: Annotated[list[Listener], Meta(min_length=1)]
+    admin: Admin = Admin()
+
+    def __post_init__(self) -> None:
+        seen = {self.admin.listen: "admin.listen"}
+        for i, listener in enumerate(self.listeners):
+            if listener.listen in seen:
+                raise ValueError(
+                    f"listeners[{i}].listen {listener.listen} is already used by "
+                    f"{seen[listener.listen]}"
+                )
+            seen[listener.listen] = f"listeners[{i}].listen"
+
+
+def load(path: Path | str) -> Config:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(path, None, "no such file") from None
+    except OSError as exc:
+        raise ConfigError(path, None, f"cannot read: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, None, f"not UTF-8 text: {exc.reason}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, None, f"not valid TOML: {exc}") from exc
+    return parse(raw, path)
+
+
+def parse(raw: dict[str, Any], path: Path) -> Config:
+    """Convert decoded TOML into a Config; ``path`` names the file and anchors relative paths."""
+    base = path.resolve().parent
+    try:
+        return msgspec.convert(raw, Config, dec_hook=_decoder(base))
+    except msgspec.ValidationError as exc:
+        key_path, reason = _explain(str(exc))
+        raise ConfigError(path, key_path, reason) from None
+
+
+def _decoder(base: Path) -> Any:
+    def decode(tp: type, value: Any) -> Any:
+        if tp is Path:
+            if not isinstance(value, str) or not value:
+                raise TypeError("expected a file path (a non-empty string)")
+            resolved = (base / value).resolve()
+            if not resolved.is_file():
+                raise ValueError(f"no such file: {resolved}")
+            return resolved
+        if not isinstance(value, str | int) or isinstance(value, bool):
+            raise TypeError(f"expected a string, got {type(value).__name__}")
+        if tp is Duration:
+            if not isinstance(value, str):
+                raise TypeError(f"write a duration as a string with a unit, e.g. '{value}s'")
+            return Duration(value)
+        if tp is ByteSize:
+            return ByteSize(parse_size(value))
+        if tp is Address:
+            if not isinstance(value, str):
+                raise TypeError("write an address as a string, e.g. '127.0.0.1:8443'")
+            return parse_address(value)
+        raise NotImplementedError(tp)
+
+    return decode
+
+
+_AT = re.compile(r"^(.*) - at `\$\.?(.*)`$", re.S)
+_TYPE_WORDS = {
+    "array": "a list",
+    "object": "a table",
+    "str": "a string",
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "null": "nothing",
+}
+_ALL_KEYS = sorted(
+    {f for s in (AllowRule, Route, Listener, TLS, Admin, Config) for f in s.__struct_fields__}
+)
+
+
+def _explain(message: str) -> tuple[str | None, str]:
+    """Turn msgspec's ``<reason> - at `$.a[0].b``` into a key path and plain words."""
+    match = _AT.match(message)
+    key_path, reason = (match[2] or None, match[1]) if match else (None, message)
+    if unknown := re.fullmatch(r"Object contains unknown field `(.+)`", reason):
+        key = unknown[1]
+        hint = difflib.get_close_matches(key, _ALL_KEYS, n=1)
+        reason = f"unknown key {key!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
+        key_path = f"{key_path}.{key}" if key_path else key
+    elif missing := re.fullmatch(r"Object missing required field `(.+)`", reason):
+        key = missing[1]
+        reason = "required key is missing"
+        key_path = f"{key_path}.{key}" if key_path else key
+    elif wrong := re.fullmatch(r"Expected `(.+)`, got `(.+)`", reason):
+        expected = " or ".join(_TYPE_WORDS.get(t, t) for t in wrong[1].split(" | "))
+        reason = f"expected {expected}, got {_TYPE_WORDS.get(wrong[2], wrong[2])}"
+    elif length := re.fullmatch(r"Expected `(\w+)` of length >= (\d+)", reason):
+        reason = f"must hold at least {length[2]} item(s)"
+    elif enum := re.fullmatch(r"Invalid enum value (.+)", reason):
+        reason = f"{enum[1]} is not one of the allowed values"
+    return key_path, reason

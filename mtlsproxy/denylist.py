@@ -1,0 +1,70 @@
+"""The deny list: identities refused on every route, whatever the allow rules say.
+
+One entry a line; ``#`` at the start of a line or after a space starts a comment:
+
+    sha256:<hex>    the SHA-256 fingerprint of the leaf certificate's DER (``ca show`` prints it)
+    serial:<hex>    the certificate's serial number
+    uri:<uri>       a URI SAN, e.g. a SPIFFE id: every certificate naming it
+    cn:<name>       a subject common name: every certificate naming it
+
+A line that does not parse rejects the whole file, naming the line: a deny list that
+half-loads would let through exactly the identity someone was trying to shut out.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import msgspec
+
+from mtlsproxy.errors import CredentialError
+
+_HEX = re.compile(r"[0-9a-f]+")
+# A comment starts a line or follows white space, so a '#' inside a value survives.
+_COMMENT = re.compile(r"(?:^|\s)#")
+
+
+class DenyList(msgspec.Struct, frozen=True):
+    sha256: frozenset[str] = frozenset()
+    serials: frozenset[int] = frozenset()
+    uris: frozenset[str] = frozenset()
+    cns: frozenset[str] = frozenset()
+
+    def __len__(self) -> int:
+        return len(self.sha256) + len(self.serials) + len(self.uris) + len(self.cns)
+
+
+def parse_deny_list(text: str, source: Path | str) -> DenyList:
+    sha256: set[str] = set()
+    serials: set[int] = set()
+    uris: set[str] = set()
+    cns: set[str] = set()
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        line = _COMMENT.split(raw, maxsplit=1)[0].strip()
+        if not line:
+            continue
+        kind, sep, value = line.partition(":")
+        kind, value = kind.strip().lower(), value.strip()
+        if not sep or not value:
+            raise CredentialError(source, f"line {lineno}: {raw.strip()!r} is not '<kind>:<value>'")
+        if kind == "sha256":
+            # Accept the colon-separated form openssl prints, in either case.
+            digest = value.replace(":", "").lower()
+            if len(digest) != 64 or not _HEX.fullmatch(digest):
+                raise CredentialError(source, f"line {lineno}: sha256 takes 64 hex digits")
+            sha256.add(digest)
+        elif kind == "serial":
+            digits = value.replace(":", "").lower().removeprefix("0x")
+            if not _HEX.fullmatch(digits):
+                raise CredentialError(source, f"line {lineno}: serial takes hex digits")
+            serials.add(int(digits, 16))
+        elif kind == "uri":
+            uris.add(value)
+        elif kind == "cn":
+            cns.add(value)
+        else:
+            raise CredentialError(
+                source, f"line {lineno}: unknown kind {kind!r}; use sha256, serial, uri or cn"
+            )
+    return DenyList(frozenset(sha256), frozenset(serials), frozenset(uris), frozenset(cns))
