@@ -57,6 +57,7 @@ def parse_address(text: str) -> Address:
             raise ValueError(f"{text!r} is not host:port (e.g. '127.0.0.1:8443')")
         if ":" in host:
             raise ValueError(f"{text!r}: write an IPv6 address in brackets, e.g. '[::1]:8443'")
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"{text!r}: the port must be a number from 1 to 65535")
+    # Port 0 (any free port) is for listen addresses; the config refuses it for backends.
+    if not port_text.isdigit() or not 0 <= int(port_text) < 65536:
+        raise ValueError(f"{text!r}: the port must be a number from 0 to 65535")
     return Address(host, int(port_text))

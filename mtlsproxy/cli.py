@@ -8,6 +8,7 @@ traceback: a traceback on a bad config is a bug.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -15,12 +16,13 @@ from pathlib import Path
 
 import msgspec
 
-from mtlsproxy import __version__, pem, quickstart
+from mtlsproxy import __version__, config, pem, quickstart
 from mtlsproxy.check import check_config
 from mtlsproxy.errors import MtlsProxyError
 from mtlsproxy.pki import KEY_TYPES, CertificateAuthority, KeyType
 from mtlsproxy.pki.ca import DEFAULT_ISSUER_TTL, DEFAULT_ROOT_TTL
 from mtlsproxy.pki.describe import render, summarize
+from mtlsproxy.server.run import serve
 from mtlsproxy.units import format_duration, parse_duration
 
 
@@ -53,6 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"mtlsproxy {__version__}")
     verbs = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    serve = verbs.add_parser("serve", help="run the proxy")
+    serve.add_argument("--config", required=True, type=Path, metavar="FILE")
+    serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
+    serve.set_defaults(handler=_serve)
 
     check = verbs.add_parser("check", help="load a config and the files it names; report")
     check.add_argument("--config", required=True, type=Path, metavar="FILE")
@@ -96,6 +103,19 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true", help="one JSON object per certificate")
     show.set_defaults(handler=_ca_show)
     return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level)
+    return serve(config.load(args.config), str(args.config))
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
 
 
 def _check(args: argparse.Namespace) -> int:

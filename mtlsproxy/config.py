@@ -85,9 +85,16 @@ class Route(Struct, frozen=True):
     backends: Annotated[list[Address], Meta(min_length=1)]
     path_prefix: str = "/"
     host: str | None = None
+    name: str | None = None  # in logs and metrics; default "<host or *><path_prefix>"
     # None (the key absent): every client holding a certificate from client_ca.
     allow: list[AllowRule] | None = None
+    # The backend side of mTLS: connect to the backends over TLS, verify them against
+    # tls_ca (default: tls.client_ca, the same private CA) and present tls_cert/tls_key.
     tls: bool = False
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_server_name: str | None = None  # default: the backend's host
     connect_timeout: Duration = Duration("5s")
     read_timeout: Duration = Duration("60s")
 
@@ -95,6 +102,15 @@ class Route(Struct, frozen=True):
         if not self.path_prefix.startswith("/"):
             raise ValueError(f"path_prefix {self.path_prefix!r} must start with '/'")
         _check_allow(self.allow)
+        if any(b.port == 0 for b in self.backends):
+            raise ValueError("a backend needs a real port, not 0")
+        tls_files = (self.tls_ca, self.tls_cert, self.tls_key, self.tls_server_name)
+        if not self.tls and any(f is not None for f in tls_files):
+            raise ValueError("tls_ca, tls_cert, tls_key and tls_server_name need tls = true")
+        if self.tls and (self.tls_cert is None or self.tls_key is None):
+            raise ValueError(
+                "tls = true needs tls_cert and tls_key: the proxy's own client certificate"
+            )
 
 
 class Listener(Struct, frozen=True):
@@ -149,10 +165,14 @@ class Config(Struct, frozen=True):
     tls: TLS
     listeners: Annotated[list[Listener], Meta(min_length=1)]
     admin: Admin = Admin()
+    # On SIGTERM/SIGINT: how long in-flight requests may take to finish before exit.
+    drain_timeout: Duration = Duration("30s")
 
     def __post_init__(self) -> None:
         seen = {self.admin.listen: "admin.listen"}
         for i, listener in enumerate(self.listeners):
+            if listener.listen.port == 0:
+                continue  # any free port: never a clash
             if listener.listen in seen:
                 raise ValueError(
                     f"listeners[{i}].listen {listener.listen} is already used by "

@@ -2,21 +2,26 @@
 
 It makes a folder holding a private CA, a server certificate for localhost, a client
 certificate and a config (keeping what already exists, re-issuing leaves that are about
-to expire: they live 24 hours), then prints commands that work as printed.
+to expire: they live 24 hours), starts the demo backend and the proxy in front of it, and
+prints commands that work as printed. Ctrl-C stops both.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from mtlsproxy import pem
+import trio
+
+from mtlsproxy import config, demo_backend, pem
 from mtlsproxy.atomicfile import write_atomic
-from mtlsproxy.check import check_config
 from mtlsproxy.errors import CredentialError
 from mtlsproxy.pki import CertificateAuthority
+from mtlsproxy.server.proxy import Proxy
 
 CLIENT_NAME = "demo-player"
 CLIENT_SPIFFE_ID = "spiffe://quickstart.mtlsproxy/player/demo"
@@ -99,28 +104,51 @@ def _needs_issue(cert_path: Path, now: datetime) -> bool:
 
 
 def run(folder: Path) -> int:
+    """Prepare the folder, then run the demo backend and the proxy until Ctrl-C."""
     files = prepare(folder)
-    rel = _relative_to_cwd
-    print(f"mtlsproxy quickstart: everything lives in {rel(folder)}/")
-    print(check_config(files.config))
-    ca, issuer = rel(files.ca_dir / "ca.crt"), rel(files.ca_dir / "issuer.crt")
-    crt, key = rel(files.crt(files.client)), rel(files.key(files.client))
-    s_crt, s_key = rel(files.crt(files.server)), rel(files.key(files.server))
-    print(
-        f"""
-The client certificate chains to your private CA:
-  openssl verify -CAfile {ca} -untrusted {issuer} {crt}
-
-Until `mtlsproxy serve` lands (issue "The mTLS HTTP/1.1 reverse proxy"), OpenSSL can play
-the server that trusts only this CA. In one terminal:
-  openssl s_server -accept {PROXY_PORT} -cert {s_crt} -cert_chain {s_crt} -key {s_key} \\
-      -CAfile {ca} -Verify 1 -verify_return_error -www
-In another, with the client certificate (and without it, to see the refusal):
-  curl --cacert {ca} --cert {crt} --key {key} https://localhost:{PROXY_PORT}/
-  curl --cacert {ca} https://localhost:{PROXY_PORT}/
-Describe a certificate: mtlsproxy ca show {crt}"""
-    )
+    cfg = config.load(files.config)
+    proxy = Proxy(cfg, str(files.config))  # proves every file before anything is bound
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C: stop without draining
+        trio.run(_serve, proxy, files)
+    print("\nmtlsproxy quickstart: stopped")
     return 0
+
+
+async def _serve(proxy: Proxy, files: QuickstartFiles) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(demo_backend.serve, "127.0.0.1", BACKEND_PORT)
+        await nursery.start(proxy.run)
+        nursery.start_soon(proxy.watch_signals)
+        print(instructions(files), flush=True)
+        await proxy.stopped()
+        nursery.cancel_scope.cancel()
+
+
+def instructions(files: QuickstartFiles) -> str:
+    rel = _relative_to_cwd
+    ca = rel(files.ca_dir / "ca.crt")
+    crt, key = rel(files.crt(files.client)), rel(files.key(files.client))
+    url = f"https://localhost:{PROXY_PORT}/hello"
+    return f"""
+mtlsproxy quickstart: everything lives in {rel(files.folder)}/
+  proxy        {url}  (mTLS: only certificates from your CA get in)
+  demo backend http://127.0.0.1:{BACKEND_PORT}  (loopback only; echoes what the proxy forwards)
+  config       {rel(files.config)}
+
+With the client certificate (the backend answers with the identity it received):
+  curl --cacert {ca} --cert {crt} --key {key} {url}
+
+Without it (refused during the TLS handshake: "certificate required"):
+  curl --cacert {ca} {url}
+
+From Python:
+  import requests
+  requests.get("{url}", verify="{ca}", cert=("{crt}", "{key}")).json()
+
+Shut a client out: add its fingerprint (mtlsproxy ca show {crt}) to {rel(files.folder / "deny.txt")}
+and restart. Ctrl-C stops the proxy and the backend.
+"""
 
 
 def _relative_to_cwd(path: Path) -> str:

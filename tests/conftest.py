@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+from proxy_env import Env, route, start_backend, start_proxy, write_config
+from support import IssueFn, Pair
 
 from mtlsproxy.pki import CertificateAuthority
-
-# The interpreter running the tests; `python -m mtlsproxy` is the real CLI, entry point included.
-MTLSPROXY = [sys.executable, "-m", "mtlsproxy"]
-
-
-@dataclass(frozen=True)
-class Pair:
-    crt: Path
-    key: Path
-
-
-IssueFn = Callable[..., Pair]
 
 
 def _issuer(ca: CertificateAuthority, folder: Path) -> IssueFn:
@@ -66,3 +55,42 @@ def server_pair(issue: IssueFn) -> Pair:
 @pytest.fixture(scope="session")
 def client_pair(issue: IssueFn) -> Pair:
     return issue("client", "player-1", ous=["players"], uris=["spiffe://game.example/player/1"])
+
+
+@pytest.fixture
+def make_env(
+    nursery: Any, tmp_path: Path, ca: CertificateAuthority, server_pair: Pair, client_pair: Pair
+) -> Callable[..., Awaitable[Any]]:
+    """make_env(routes=None, backends=1, listener="", tls="", top="") -> proxy_env.Env.
+
+    ``routes`` is TOML for [[listeners.routes]] and may use {b0}, {b1}... for the ports of
+    the demo backends started for it; by default one catch-all route to backend 0.
+    """
+
+    async def make(
+        routes: str | None = None,
+        backends: int = 1,
+        listener: str = "",
+        tls: str = "",
+        top: str = "",
+    ) -> Env:
+        ports = [await start_backend(nursery) for _ in range(backends)]
+        text = (
+            route(ports[:1])
+            if routes is None
+            else routes.format(**{f"b{i}": p for i, p in enumerate(ports)})
+        )
+        bundle = ca.folder / "ca.crt"
+        path = write_config(
+            tmp_path,
+            ca_bundle=bundle,
+            server=server_pair,
+            routes=text,
+            listener=listener,
+            tls=tls,
+            top=top,
+        )
+        proxy, port = await start_proxy(nursery, path)
+        return Env(proxy, port, bundle, client_pair, tmp_path, ports)
+
+    return make

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from conftest import MTLSPROXY, IssueFn, Pair
+from support import MTLSPROXY, IssueFn, Pair
 from test_config import SAMPLE
 
 from mtlsproxy.pki import CertificateAuthority

@@ -76,6 +76,9 @@ host = "*.game.example"
 path_prefix = "/match"
 backends = ["127.0.0.1:9000", "[::1]:9001"]
 tls = true
+tls_cert = "server.crt"
+tls_key = "server.key"
+tls_server_name = "match.internal"
 connect_timeout = "250ms"
 read_timeout = "2m"
 [[listeners.routes.allow]]

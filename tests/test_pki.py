@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
-from conftest import MTLSPROXY, IssueFn, Pair
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from support import MTLSPROXY, IssueFn, Pair
 
 from mtlsproxy import pem
 from mtlsproxy.errors import CAError

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 import requests
-from conftest import IssueFn, Pair
+from support import IssueFn, Pair
 
 from mtlsproxy.pki import CertificateAuthority
 

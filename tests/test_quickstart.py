@@ -1,8 +1,11 @@
+import json
+import signal
 import subprocess
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from conftest import MTLSPROXY
+from support import MTLSPROXY
 
 from mtlsproxy import pem, quickstart
 from mtlsproxy.check import check_config
@@ -28,15 +31,42 @@ def test_prepare_reissues_leaves_near_expiry(tmp_path: Path) -> None:
     assert leaf.not_valid_after_utc > datetime.now(UTC) + timedelta(hours=23)
 
 
-def test_cli_quickstart_prints_commands_that_name_real_files(tmp_path: Path) -> None:
-    proc = subprocess.run(
+def test_quickstart_serves_until_ctrl_c(tmp_path: Path) -> None:
+    """`make run` as a user meets it: printed commands work; Ctrl-C stops everything."""
+    with subprocess.Popen(
         [*MTLSPROXY, "quickstart", "--dir", "qs"], cwd=tmp_path,
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    assert "curl --cacert qs/ca/ca.crt --cert qs/client.crt --key qs/client.key" in proc.stdout
-    verify = next(line for line in proc.stdout.splitlines() if "openssl verify" in line)
-    done = subprocess.run(
-        verify.split(), cwd=tmp_path, capture_output=True, text=True, timeout=30, check=False
-    )
-    assert done.returncode == 0 and "OK" in done.stdout
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    ) as proc:  # fmt: skip
+        try:
+            lines = []
+            deadline = time.monotonic() + 60
+            assert proc.stdout is not None
+            while time.monotonic() < deadline:
+                line = proc.stdout.readline()
+                assert line, "quickstart exited early: " + proc.stderr.read() if proc.stderr else ""
+                lines.append(line)
+                if "Ctrl-C stops" in line:
+                    break
+            text = "".join(lines)
+            with_cert = next(x for x in lines if "curl --cacert" in x and "--cert" in x).split()
+            assert with_cert[:2] == ["curl", "--cacert"]
+            done = subprocess.run(
+                [*with_cert, "-sS", "--max-time", "20"], cwd=tmp_path,
+                capture_output=True, text=True, timeout=30, check=False,
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            seen = json.loads(done.stdout)
+            assert "Hash=" in seen["headers"]["x-forwarded-client-cert"][0]
+            without = next(x for x in lines if "curl --cacert" in x and "--cert " not in x).split()
+            refused = subprocess.run(
+                [*without, "-sS", "--max-time", "20"], cwd=tmp_path,
+                capture_output=True, text=True, timeout=30, check=False,
+            )  # fmt: skip
+            assert "certificate required" in refused.stderr
+            assert "requests.get(" in text
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)

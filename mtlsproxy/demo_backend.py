@@ -1,0 +1,117 @@
+"""The demo game/API backend that ``mtlsproxy quickstart`` starts behind the proxy.
+
+Plain HTTP/1.1 on trio + h11, meant to sit on loopback behind the proxy. Every request
+gets a JSON answer saying what arrived: method, path, the identity headers the proxy
+added (each as a list of every value received), and, for a body, its length and SHA-256
+(so a test can check a 1 GiB upload arrived whole without the backend keeping it).
+``GET /bytes/N`` streams N bytes back.
+
+It trusts the identity headers because only the proxy can reach it: that is the whole
+deployment model, and why it must never listen on a public address.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any
+
+import h11
+import msgspec
+import trio
+
+log = logging.getLogger("mtlsproxy.demo_backend")
+
+ECHOED_HEADERS = (
+    "host",
+    "x-forwarded-client-cert",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "content-type",
+)
+_CHUNK = 64 * 1024
+_MAX_DOWNLOAD = 64 * 2**30
+
+
+async def serve(host: str, port: int, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve until cancelled; ``task_status.started`` reports the bound listeners."""
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    task_status.started(listeners)
+    await trio.serve_listeners(_handle, listeners)
+
+
+async def _handle(stream: trio.SocketStream) -> None:
+    conn = h11.Connection(h11.SERVER)
+    try:
+        while True:
+            with trio.move_on_after(60) as idle:
+                request = await _next_event(conn, stream)
+            if idle.cancelled_caught or not isinstance(request, h11.Request):
+                return
+            await _answer(conn, stream, request)
+            if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+                return
+            conn.start_next_cycle()
+    except (h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        log.debug("demo backend: connection ended: %s", exc)
+    finally:
+        await stream.aclose()
+
+
+async def _next_event(conn: h11.Connection, stream: trio.SocketStream) -> Any:
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await stream.receive_some(_CHUNK))
+            continue
+        return event
+
+
+async def _answer(conn: h11.Connection, stream: trio.SocketStream, request: h11.Request) -> None:
+    async def send(event: Any) -> None:
+        await stream.send_all(conn.send(event) or b"")
+
+    digest, size = hashlib.sha256(), 0
+    while True:
+        event = await _next_event(conn, stream)
+        if isinstance(event, h11.Data):
+            digest.update(event.data)
+            size += len(event.data)
+        elif isinstance(event, h11.EndOfMessage):
+            break
+        else:
+            return
+    path = request.target.decode("ascii", "replace")
+    if request.method == b"GET" and path.startswith("/bytes/"):
+        count = int(path.removeprefix("/bytes/")) if path[7:].isdigit() else -1
+        if 0 <= count <= _MAX_DOWNLOAD:
+            await send(h11.Response(status_code=200, headers=[
+                ("content-type", "application/octet-stream"), ("content-length", str(count))
+            ]))  # fmt: skip
+            block = b"x" * _CHUNK
+            while count:
+                piece = block[: min(count, _CHUNK)]
+                await send(h11.Data(data=piece))
+                count -= len(piece)
+            await send(h11.EndOfMessage())
+            return
+    # Every value of a repeated header is listed: a second, smuggled XFCC must show.
+    seen: dict[str, list[str]] = {}
+    for name, value in request.headers:
+        seen.setdefault(name.decode(), []).append(value.decode("latin-1"))
+    body = msgspec.json.encode(
+        {
+            "method": request.method.decode(),
+            "path": path,
+            "headers": {name: seen[name] for name in ECHOED_HEADERS if name in seen},
+            "body_bytes": size,
+            "body_sha256": digest.hexdigest(),
+        }
+    )
+    await send(h11.Response(status_code=200, headers=[
+        ("content-type", "application/json"), ("content-length", str(len(body)))
+    ]))  # fmt: skip
+    if request.method != b"HEAD":
+        await send(h11.Data(data=body))
+    await send(h11.EndOfMessage())

@@ -1,0 +1,148 @@
+"""Who is on the other end: the Identity read from a *verified* client certificate.
+
+Theory of operation: the TLS layer verifies the chain against the private CA and hands
+the leaf over; this module only reads it. Everything above (policy, deny list, XFCC,
+logs, metrics, the session registry) reads the Identity, never the certificate, so the
+one place that decodes X.509 fields is here and it is pure: no I/O, no clock.
+
+Two choices fail closed on purpose:
+
+- ``spiffe_id`` is set only when the certificate is an X.509-SVID in the SPIFFE sense,
+  i.e. it carries exactly one URI SAN and that URI is ``spiffe://<trust domain>/...``.
+  A certificate with two URIs cannot say which one it speaks for, so a SPIFFE rule
+  never matches it (``uri:`` rules still see every URI).
+  https://github.com/spiffe/spiffe/blob/main/standards/X509-SVID.md#2-spiffe-id
+- DNS and URI SANs are IA5String, and a value with a control character, white space or
+  a non-ASCII byte is not a host name or a URI. Such a value would end up in a header
+  (XFCC) or a log line, so the certificate is refused rather than the value cleaned.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+
+import msgspec
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.x509.oid import NameOID
+
+from mtlsproxy.errors import MtlsProxyError
+
+# RFC 4514 lets any character be written as a backslash and two hex digits. OpenSSL's
+# RFC 2253 printer (what Envoy puts in XFCC) does this for control characters
+# (ASN1_STRFLGS_ESC_CTRL); cryptography's rfc4514_string() leaves them raw except NUL.
+# A CR or LF in a subject must never reach a header or a log line.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Printable ASCII without space: what a DNS name or a URI can consist of.
+_SAN_TEXT = re.compile(r"[\x21-\x7e]+")
+
+
+class IdentityError(MtlsProxyError):
+    """A verified certificate whose fields cannot be used as an identity."""
+
+    status = 403
+
+
+class Identity(msgspec.Struct, frozen=True, kw_only=True):
+    subject: str
+    issuer: str
+    cn: str | None
+    ous: tuple[str, ...]
+    dns: tuple[str, ...]
+    ips: tuple[str, ...]
+    uris: tuple[str, ...]
+    spiffe_id: str | None
+    serial: str
+    sha256: str
+    not_before: datetime
+    not_after: datetime
+
+    @property
+    def fingerprint(self) -> str:
+        """The form the deny list and ``ca show`` use: ``sha256:<hex>``."""
+        return f"sha256:{self.sha256}"
+
+    @classmethod
+    def from_certificate(cls, cert: x509.Certificate) -> Identity:
+        try:
+            subject = cert.subject
+            issuer = cert.issuer
+            sans = _subject_alt_names(cert)
+            dns = tuple(sans.get_values_for_type(x509.DNSName))
+            uris = tuple(sans.get_values_for_type(x509.UniformResourceIdentifier))
+            ips = tuple(str(ip) for ip in sans.get_values_for_type(x509.IPAddress))
+            cn = _common_name(subject)
+            ous = _all_text(subject, NameOID.ORGANIZATIONAL_UNIT_NAME)
+            subject_text = rfc4514(subject)
+            issuer_text = rfc4514(issuer)
+        except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
+            # cryptography decodes extensions lazily, so a malformed SAN surfaces here,
+            # after the handshake accepted the chain.
+            raise IdentityError(f"client certificate cannot be read: {exc}") from exc
+        for kind, values in (("DNS", dns), ("URI", uris)):
+            for value in values:
+                if not _SAN_TEXT.fullmatch(value):
+                    raise IdentityError(f"client certificate {kind} SAN {value!r} is malformed")
+        return cls(
+            subject=subject_text,
+            issuer=issuer_text,
+            cn=cn,
+            ous=ous,
+            dns=dns,
+            ips=ips,
+            uris=uris,
+            spiffe_id=_spiffe_id(uris),
+            serial=format(cert.serial_number, "x"),
+            sha256=cert.fingerprint(hashes.SHA256()).hex(),
+            not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc,
+        )
+
+    @classmethod
+    def from_der(cls, der: bytes) -> Identity:
+        try:
+            cert = x509.load_der_x509_certificate(der)
+        except ValueError as exc:
+            raise IdentityError(f"client certificate is not DER: {exc}") from exc
+        return cls.from_certificate(cert)
+
+
+def rfc4514(name: x509.Name) -> str:
+    """``name.rfc4514_string()`` with control characters hex-escaped (see ``_CONTROL``)."""
+    return _CONTROL.sub(lambda m: f"\\{ord(m.group()):02X}", name.rfc4514_string())
+
+
+def _subject_alt_names(cert: x509.Certificate) -> x509.SubjectAlternativeName:
+    try:
+        return cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return x509.SubjectAlternativeName([])
+
+
+def _all_text(name: x509.Name, oid: x509.ObjectIdentifier) -> tuple[str, ...]:
+    # Only X500UniqueIdentifier-like attributes are bytes; CN and OU are strings, but the
+    # type says str | bytes, and a bytes value would mean a malformed certificate.
+    values = tuple(attr.value for attr in name.get_attributes_for_oid(oid))
+    if any(isinstance(v, bytes) for v in values):
+        raise IdentityError(f"client certificate subject has a binary {oid.dotted_string}")
+    return tuple(str(v) for v in values)
+
+
+def _common_name(name: x509.Name) -> str | None:
+    # Two CNs leave it open which one a rule about "the" CN should read (OpenSSL takes
+    # the first, Go's crypto/x509 the last), so such a certificate is refused.
+    values = _all_text(name, NameOID.COMMON_NAME)
+    if len(values) > 1:
+        raise IdentityError(f"client certificate subject has {len(values)} common names")
+    return values[0] if values else None
+
+
+def _spiffe_id(uris: tuple[str, ...]) -> str | None:
+    if len(uris) != 1:
+        return None
+    uri = uris[0]
+    trust_domain, _, _path = uri.removeprefix("spiffe://").partition("/")
+    if not uri.startswith("spiffe://") or not trust_domain:
+        return None
+    return uri

@@ -1,0 +1,184 @@
+"""The header lists sent upstream and back downstream, built from h11's parsed fields.
+
+Theory of operation: the proxy never copies header bytes from one side to the other. It
+takes h11's parsed event (already checked by ``framing``), drops what belongs to one hop
+or claims to come from a proxy, and adds its own forwarding headers. The client's
+Transfer-Encoding never passes: a chunked request gets a fresh ``chunked`` of ours, and
+h11 re-frames responses itself (chunked, or close-delimited for an HTTP/1.0 client).
+
+Dropped on every request (RFC 9110 §7.6.1, plus what proxies actually abuse):
+
+- ``Connection`` and every field it names, except Host and Content-Length: a client
+  must not be able to make the proxy strip what routing and framing rest on
+  ("hop-by-hop header abuse"). Anything else it names is its own header to lose.
+- ``Keep-Alive``, ``TE``, ``Trailer``, ``Transfer-Encoding``, every ``Proxy-*``
+  (Proxy-Authorization, Proxy-Connection...).
+- ``Upgrade``, unless the route allows WebSocket and this is a well-formed WebSocket
+  handshake; then exactly ``Connection: Upgrade`` and ``Upgrade: websocket`` are sent.
+  Any other upgrade (``h2c`` above all, "h2c smuggling") is dropped: the backend answers
+  the request as plain HTTP/1.1.
+- Every header that claims to be written by a proxy: ``X-Forwarded-Client-Cert``,
+  ``X-Forwarded-For``, ``X-Forwarded-Proto``, ``X-Forwarded-Host``,
+  ``X-Forwarded-Port``, ``Forwarded``, ``X-Real-IP``; any case, any count.
+
+X-Forwarded-For is *replaced* by the connecting address, not appended to. mtlsproxy is
+the edge: whatever a client put there is the client's claim, and the usual backend
+habit of reading the leftmost XFF entry would turn an appended list into a spoofable
+client address. (Envoy at the edge appends but only trusts the rightmost entry; a
+backend cannot tell which convention its proxy used, so we give it one address.)
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+
+import h11
+
+from mtlsproxy.identity import Identity
+from mtlsproxy.relay.xfcc import format_xfcc
+
+Headers = list[tuple[bytes, bytes]]
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+PROXY_OWNED = frozenset(
+    {
+        b"x-forwarded-client-cert",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-forwarded-port",
+        b"forwarded",
+        b"x-real-ip",
+    }
+)
+# Fields a Connection header may name without effect.
+_PROTECTED = frozenset({b"host", b"content-length"})
+
+
+def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """The lowercased field names listed by every Connection header."""
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            tokens.update(t.strip(b" \t").lower() for t in value.split(b","))
+    tokens.discard(b"")
+    return frozenset(tokens)
+
+
+def is_websocket_upgrade(request: h11.Request) -> bool:
+    """RFC 6455 §4.1: GET, HTTP/1.1, ``Upgrade: websocket``, ``Connection`` with upgrade."""
+    upgrades = [v for n, v in request.headers if n == b"upgrade"]
+    return (
+        request.method == b"GET"
+        and request.http_version == b"1.1"
+        and len(upgrades) == 1
+        and upgrades[0].strip().lower() == b"websocket"
+        and b"upgrade" in connection_tokens(request.headers)
+    )
+
+
+def is_websocket_accept(response: h11.InformationalResponse | h11.Response) -> bool:
+    upgrades = [v for n, v in response.headers if n == b"upgrade"]
+    return (
+        response.status_code == 101
+        and len(upgrades) == 1
+        and upgrades[0].strip().lower() == b"websocket"
+        and b"upgrade" in connection_tokens(response.headers)
+    )
+
+
+def _is_hop(name: bytes, nominated: frozenset[bytes]) -> bool:
+    return (
+        name in HOP_BY_HOP
+        or name.startswith(b"proxy-")
+        or (name in nominated and name not in _PROTECTED)
+    )
+
+
+def upstream_request_headers(
+    request: h11.Request,
+    identity: Identity,
+    client_ip: str,
+    *,
+    allow_websocket: bool = False,
+    by: str | None = None,
+) -> Headers:
+    """Headers for the backend. ``by`` is the proxy's own URI SAN, for XFCC ``By=``."""
+    nominated = connection_tokens(request.headers)
+    host: bytes | None = None
+    out: Headers = []
+    # raw_items() keeps the client's spelling of each name: some backends still
+    # look headers up case-sensitively. h11 has validated every name and value.
+    for raw_name, value in request.headers.raw_items():
+        name = raw_name.lower()
+        if name == b"host":
+            host = value
+        if _is_hop(name, nominated) or name in PROXY_OWNED:
+            continue
+        out.append((raw_name, value))
+    # h11 frames an outgoing *request* body only from the headers it is given (unlike a
+    # response, it never adds chunked by itself), so a chunked request needs the header
+    # back: ours, from the parsed framing, not the client's bytes.
+    if any(name == b"transfer-encoding" for name, _ in request.headers):
+        out.append((b"Transfer-Encoding", b"chunked"))
+    if allow_websocket and is_websocket_upgrade(request):
+        out += [(b"Connection", b"Upgrade"), (b"Upgrade", b"websocket")]
+    out.append((b"X-Forwarded-For", _address(client_ip).encode("ascii")))
+    out.append((b"X-Forwarded-Proto", b"https"))
+    if host is not None:
+        out.append((b"X-Forwarded-Host", host))
+    out.append((b"X-Forwarded-Client-Cert", format_xfcc(identity, by=by).encode("utf-8")))
+    return out
+
+
+def upstream_request(
+    request: h11.Request,
+    identity: Identity,
+    client_ip: str,
+    *,
+    allow_websocket: bool = False,
+    by: str | None = None,
+) -> h11.Request:
+    """The Request event to send to the backend; always HTTP/1.1 on the upstream hop."""
+    headers = upstream_request_headers(
+        request, identity, client_ip, allow_websocket=allow_websocket, by=by
+    )
+    return h11.Request(method=request.method, target=request.target, headers=headers)
+
+
+def downstream_response_headers(
+    response: h11.Response | h11.InformationalResponse, *, websocket: bool = False
+) -> Headers:
+    """Headers for the client: the backend's, minus its hop-by-hop fields.
+
+    ``websocket`` is true when the request was a permitted WebSocket handshake and the
+    backend accepted it (``is_websocket_accept``); only then do Connection/Upgrade pass.
+    """
+    nominated = connection_tokens(response.headers)
+    out: Headers = []
+    for raw_name, value in response.headers.raw_items():
+        if not _is_hop(raw_name.lower(), nominated):
+            out.append((raw_name, value))
+    if websocket and is_websocket_accept(response):
+        out += [(b"Connection", b"Upgrade"), (b"Upgrade", b"websocket")]
+    return out
+
+
+def _address(client_ip: str) -> str:
+    # Normalised so the header is one canonical spelling; an IPv4 client on a dual-stack
+    # socket arrives as ::ffff:a.b.c.d and backends expect a.b.c.d.
+    address = ipaddress.ip_address(client_ip.split("%", 1)[0])
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)

@@ -1,0 +1,172 @@
+"""Which route a request belongs to, and in which order to try its backends.
+
+Theory of operation: a route is (host pattern, path prefix, opaque payload). Matching
+is two steps, as Envoy's virtual hosts then routes, and never falls through:
+
+1. The host picks one *group*: the exact host if any route names it, else the longest
+   wildcard suffix that matches, else the routes for any host. A request for
+   ``admin.example.com`` is judged by the ``admin.example.com`` routes alone; if none of
+   their prefixes match it gets 404, not the catch-all route. Falling through would let
+   a narrow, tightly authorised host leak into a broad route nobody meant for it.
+2. In the group, the longest matching path prefix wins.
+
+Host patterns: ``api.example.com`` (exact), ``*.example.com`` (one *or more* labels
+below the suffix: ``a.example.com`` and ``a.b.example.com``, not ``example.com``; Envoy's
+suffix wildcard behaves the same, unlike a TLS certificate wildcard), and ``None`` or
+``"*"`` for any host. Hosts compare case-insensitively, without port or trailing dot.
+
+Path prefixes match on a segment boundary: ``/api`` matches ``/api``, ``/api/`` and
+``/api/x`` but not ``/apix`` (Envoy's ``prefix`` would match ``/apix``; a policy
+written for ``/api`` should not cover a sibling that merely shares letters). A prefix
+ending in ``/`` is a plain string prefix, so ``/`` matches everything and ``/api/``
+does not match ``/api``.
+
+Paths are compared after RFC 3986 §6.2.2 normalisation (unreserved characters decoded,
+hex escapes upper-cased) and with ``%2F`` read as ``/``, so ``/%61dmin`` and
+``/admin%2Fx`` fall under the ``/admin`` route a decoding backend would serve them from.
+``framing`` has already refused dot-segments and backslashes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from mtlsproxy.relay.errors import RouteError
+
+T = TypeVar("T")
+
+_LABELS = re.compile(r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?)*")
+_IPV6_LITERAL = re.compile(r"\[[0-9a-f:.]+\]")
+_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+# RFC 3986 unreserved characters, plus "/" on purpose (see the module comment).
+_DECODED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~/")
+
+
+@dataclass(frozen=True, slots=True)
+class Route(Generic[T]):
+    index: int  # position in the config, for errors, logs and metrics
+    payload: T
+    host: str | None = None
+    path_prefix: str = "/"
+
+
+class RouteTable(Generic[T]):
+    def __init__(self, routes: Iterable[Route[T]]) -> None:
+        self._exact: dict[str, list[tuple[str, Route[T]]]] = {}
+        self._wildcard: dict[str, list[tuple[str, Route[T]]]] = {}
+        self._any: list[tuple[str, Route[T]]] = []
+        seen: dict[tuple[str, str], int] = {}
+        for route in routes:
+            kind, host = _host_pattern(route)
+            prefix = _prefix(route)
+            key = (f"{kind}:{host}", prefix)
+            if key in seen:
+                raise RouteError(route.index, f"same host and path_prefix as route {seen[key]}")
+            seen[key] = route.index
+            if kind == "exact":
+                group = self._exact.setdefault(host, [])
+            elif kind == "wildcard":
+                group = self._wildcard.setdefault(host, [])
+            else:
+                group = self._any
+            group.append((prefix, route))
+        for group in (*self._exact.values(), *self._wildcard.values(), self._any):
+            group.sort(key=lambda entry: len(entry[0]), reverse=True)
+        # Longest suffix first, so *.a.example.com beats *.example.com.
+        self._suffixes = sorted(self._wildcard, key=len, reverse=True)
+
+    def match(self, host: str | bytes | None, target: str | bytes) -> Route[T] | None:
+        """The route for a Host header value and a request target, or None (404)."""
+        group = self._group(normalize_host(host))
+        path = route_path(target)
+        for prefix, route in group:
+            if _prefix_matches(prefix, path):
+                return route
+        return None
+
+    def _group(self, host: str | None) -> list[tuple[str, Route[T]]]:
+        if host:
+            if host in self._exact:
+                return self._exact[host]
+            for suffix in self._suffixes:
+                if host.endswith("." + suffix):
+                    return self._wildcard[suffix]
+        return self._any
+
+
+def normalize_host(host: str | bytes | None) -> str | None:
+    """Lowercase, no port, no trailing dot; IPv6 literals keep their brackets."""
+    if host is None:
+        return None
+    text = host.decode("ascii", "replace") if isinstance(host, bytes) else host
+    text = text.strip().lower()
+    if text.startswith("["):
+        text = text[: text.find("]") + 1] if "]" in text else text
+    else:
+        name, colon, port = text.rpartition(":")
+        if colon and port.isdigit():
+            text = name
+    return text.rstrip(".") or None
+
+
+def route_path(target: str | bytes) -> str:
+    """The path a target is routed by: query dropped, RFC 3986 normalised, %2F as ``/``."""
+    text = target.decode("ascii", "replace") if isinstance(target, bytes) else target
+    path = text.partition("?")[0]
+    if path == "*":
+        return "/"  # OPTIONS * concerns the whole server: route it as the root
+    return _ESCAPE.sub(_normalize_escape, path)
+
+
+def _normalize_escape(match: re.Match[str]) -> str:
+    byte = int(match.group(1), 16)
+    return chr(byte) if byte in _DECODED else "%" + match.group(1).upper()
+
+
+def _prefix_matches(prefix: str, path: str) -> bool:
+    if prefix.endswith("/"):
+        return path.startswith(prefix)
+    return path == prefix or path.startswith(prefix + "/")
+
+
+def _host_pattern(route: Route[T]) -> tuple[str, str]:
+    if route.host is None or route.host == "*":
+        return "any", ""
+    host = route.host.strip().lower().rstrip(".")
+    if host.startswith("*."):
+        suffix = host[2:]
+        if not _LABELS.fullmatch(suffix):
+            raise RouteError(route.index, f"host {route.host!r} is not *.<domain>")
+        return "wildcard", suffix
+    if not (_LABELS.fullmatch(host) or _IPV6_LITERAL.fullmatch(host)):
+        raise RouteError(
+            route.index, f"host {route.host!r} is not a host name, *.<domain> or '*' (no port)"
+        )
+    return "exact", host
+
+
+def _prefix(route: Route[T]) -> str:
+    prefix = route.path_prefix
+    if not prefix.startswith("/") or "?" in prefix or "#" in prefix:
+        raise RouteError(route.index, f"path_prefix {prefix!r} must be a path starting with '/'")
+    if any(segment in (".", "..") for segment in prefix.split("/")):
+        raise RouteError(route.index, f"path_prefix {prefix!r} has a dot-segment")
+    return route_path(prefix)
+
+
+class RoundRobin(Generic[T]):
+    """Each call to ``order()`` starts one further along, so retries try the others next."""
+
+    def __init__(self, items: Sequence[T]) -> None:
+        if not items:
+            raise ValueError("RoundRobin needs at least one item")
+        self._items = tuple(items)
+        self._next = 0
+
+    def order(self) -> list[T]:
+        start = self._next
+        self._next = (start + 1) % len(self._items)
+        return [*self._items[start:], *self._items[:start]]

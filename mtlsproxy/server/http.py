@@ -1,0 +1,523 @@
+"""The HTTP/1.1 relay for one client connection that has passed the TLS handshake.
+
+Theory of operation
+===================
+
+One request at a time (pipelined requests wait in the buffer, in order):
+
+1. **Head.** Our ``HeadReader`` collects the request head under two clocks: the wait for
+   its first byte is the idle keep-alive wait (cancellable by a drain or an enforcer),
+   and from that byte the whole head must arrive within ``header_timeout`` (a per-read
+   timeout would let a slowloris client trickle one byte at a time forever). The head
+   goes through h11 *and* our stricter ``validate_request``; anything ambiguous is
+   answered 400 and the connection closed, never forwarded.
+2. **Decide.** Route by Host and path, check the deny list and the route's allow rules
+   for this identity, check the declared body size. Every refusal is a short response
+   and a closed connection.
+3. **Forward.** The request sent upstream is rebuilt from parsed fields
+   (``relay.headers``). The request body and the response relay run concurrently, so a
+   backend that answers before reading the whole body is relayed, and backpressure
+   flows both ways: we read from one side only as fast as the other side takes it.
+4. **Finish.** The client connection is reused when both sides of the exchange ended
+   cleanly and nobody asked to close; the upstream connection goes back to the pool
+   under the same condition.
+
+A fresh ``h11.Connection`` serves each request: the bytes after a request (a pipelined
+next one) come back out of ``trailing_data`` and seed the next head reader, which keeps
+one buffer in charge of the head limits.
+
+Errors before the response started become an error response; after it started, the only
+honest signal left is closing the connection mid-body.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import h11
+import trio
+from OpenSSL import SSL
+
+from mtlsproxy.address import Address
+from mtlsproxy.config import Listener, Route
+from mtlsproxy.identity import Identity
+from mtlsproxy.metrics import Metrics
+from mtlsproxy.policy import denied_by, is_allowed
+from mtlsproxy.relay.errors import (
+    BadGateway,
+    BadRequest,
+    Forbidden,
+    GatewayTimeout,
+    HttpError,
+    NoRoute,
+    RequestTimeout,
+    ServiceUnavailable,
+)
+from mtlsproxy.relay.framing import (
+    BodyLimit,
+    Framing,
+    Head,
+    HeadReader,
+    validate_request,
+    validate_response,
+)
+from mtlsproxy.relay.headers import downstream_response_headers, upstream_request_headers
+from mtlsproxy.relay.responses import error_response
+from mtlsproxy.relay.routing import RoundRobin, RouteTable
+from mtlsproxy.server.upstream import ConnectFailed, Upstream, UpstreamPool
+from mtlsproxy.sessions import Session
+from mtlsproxy.tls.store import CredentialStore
+
+log = logging.getLogger("mtlsproxy.http")
+
+RECEIVE_SIZE = 65536
+MAX_RESPONSE_HEAD = 64 * 1024
+STALE_RETRIES = 2
+_STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+@dataclass(frozen=True)
+class RouteRuntime:
+    """A configured route with what serving it needs: its label, rotation and TLS."""
+
+    index: int
+    label: str
+    config: Route
+    backends: RoundRobin[Address]
+    tls_context: SSL.Context | None
+
+
+class _UpstreamBroken(BadGateway):
+    """Writing to the backend failed."""
+
+
+class _Stale(Exception):
+    """A reused keep-alive connection died before the response began: safe to retry."""
+
+
+class _ClientGone(Exception):
+    """The client stopped reading or went away; nothing more can be said to it."""
+
+
+@dataclass
+class _Exchange:
+    request: h11.Request
+    route: RouteRuntime
+    has_body: bool
+    sent_100: bool = False
+    response_started: bool = False
+    status: int = 0
+
+
+class HttpConnection:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        *,
+        session: Session,
+        listener: Listener,
+        routes: RouteTable[RouteRuntime],
+        pool: UpstreamPool,
+        store: CredentialStore,
+        metrics: Metrics,
+        client_ip: str,
+    ) -> None:
+        self.stream = stream
+        self.session = session
+        self.identity: Identity = session.identity
+        self.listener = listener
+        self.routes = routes
+        self.pool = pool
+        self.store = store
+        self.metrics = metrics
+        self.client_ip = client_ip
+
+    async def run(self) -> None:
+        leftover, first = b"", True
+        while self.session.closing is None:
+            try:
+                head = await self._read_head(leftover, first=first)
+            except HttpError as exc:
+                await self._refuse(exc, None)
+                return
+            if head is None:
+                return
+            first = False
+            leftover_or_none = await self._serve_one(head)
+            if leftover_or_none is None:
+                return
+            leftover = leftover_or_none
+
+    # ---- 1. the head ---------------------------------------------------------------
+
+    async def _read_head(self, leftover: bytes, *, first: bool) -> Head | None:
+        reader = HeadReader(max_bytes=self.listener.max_header_size)
+        if leftover and (head := reader.feed(leftover)) is not None:
+            return head
+        if not leftover:
+            idle = self.listener.idle_timeout.seconds
+            if first:  # a new connection that says nothing gets the shorter clock
+                idle = min(idle, self.listener.header_timeout.seconds)
+            with trio.CancelScope(deadline=trio.current_time() + idle) as scope:
+                self.session.idle_scope = scope
+                if self.session.closing is not None:
+                    scope.cancel()
+                data = await self._receive_or_eof()
+            self.session.idle_scope = None
+            if scope.cancelled_caught or not data:
+                return None
+            if (head := reader.feed(data)) is not None:
+                return head
+        with trio.move_on_after(self.listener.header_timeout.seconds):
+            while True:
+                data = await self._receive_or_eof()
+                if not data:
+                    return None  # the client gave up half-way through a head
+                if (head := reader.feed(data)) is not None:
+                    return head
+        raise RequestTimeout("request head not received in time")
+
+    async def _receive_or_eof(self) -> bytes:
+        # A reset between requests is a client hanging up (often one that never read the
+        # TLS 1.3 session tickets), not an error worth more than a debug line.
+        try:
+            return bytes(await self.stream.receive_some(RECEIVE_SIZE))
+        except _STREAM_ERRORS as exc:
+            log.debug("client %s: connection ended: %s", self.session.peer, exc)
+            return b""
+
+    # ---- 2. decide -----------------------------------------------------------------
+
+    async def _serve_one(self, head: Head) -> bytes | None:
+        """Serve one request; return the bytes after it, or None to close."""
+        client = h11.Connection(h11.SERVER, max_incomplete_event_size=len(head.raw) + 1)
+        client.receive_data(head.raw)
+        exchange: _Exchange | None = None
+        try:
+            try:
+                request = client.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise BadRequest("malformed request") from exc
+            if not isinstance(request, h11.Request):
+                raise BadRequest("malformed request")
+            framing = validate_request(head.raw, request)
+            route = self._match(request)
+            exchange = _Exchange(request, route, _has_body(framing))
+            self._authorize(route)
+            limit = BodyLimit(self.listener.max_body_size or None, framing)
+            if head.rest:  # h11 takes b"" to mean EOF
+                client.receive_data(head.rest)
+            await self._forward(client, exchange, limit)
+        except HttpError as exc:
+            if exchange is not None and exchange.response_started:
+                log.info("client %s: %s after the response began", self.session.peer, exc)
+                return None
+            await self._refuse(exc, exchange)
+            return None
+        except _ClientGone:
+            return None
+        self._count(exchange.route.label, exchange.status)
+        reusable = client.our_state is h11.DONE and client.their_state is h11.DONE
+        if not reusable or self.session.closing is not None:
+            return None
+        return bytes(client.trailing_data[0])
+
+    def _match(self, request: h11.Request) -> RouteRuntime:
+        host = next((v for k, v in request.headers if k == b"host"), None)
+        route = self.routes.match(host, request.target)
+        if route is None:
+            raise NoRoute("no route for this host and path")
+        return route.payload
+
+    def _authorize(self, route: RouteRuntime) -> None:
+        # Every request, not only the first: a keep-alive connection can outlive the
+        # certificate, and the deny list can change under it.
+        if datetime.now(UTC) >= self.identity.not_after:
+            self.session.close("expired")
+            raise Forbidden("client certificate expired")
+        deny = self.store.current().credentials.deny
+        if (kind := denied_by(deny, self.identity)) is not None:
+            self.session.close("denied")
+            raise Forbidden("client certificate is denied", log_detail=f"deny list ({kind})")
+        if not is_allowed(route.config.allow, self.identity):
+            raise Forbidden(
+                "client certificate not allowed on this route",
+                log_detail=f"route {route.label}: no allow rule matched",
+            )
+
+    async def _refuse(self, exc: HttpError, exchange: _Exchange | None) -> None:
+        detail = getattr(exc, "log_detail", None) or exc.reason
+        log.info(
+            "refused %s from %s (%s): %d %s",
+            "request" if exchange is None else exchange.request.target.decode("ascii", "replace"),
+            self.session.peer,
+            self.identity.cn or self.identity.fingerprint,
+            exc.status,
+            detail,
+        )
+        head_only = exchange is not None and exchange.request.method == b"HEAD"
+        self._count(exchange.route.label if exchange else "-", exc.status)
+        response = error_response(exc.status, exc.reason, head_only=head_only)
+        with trio.move_on_after(self.listener.idle_timeout.seconds), suppress(*_STREAM_ERRORS):
+            await self.stream.send_all(response)
+
+    def _count(self, route: str, status: int) -> None:
+        self.metrics.requests.labels(self.listener.label, route, f"{status // 100}xx").inc()
+
+    # ---- 3. forward ----------------------------------------------------------------
+
+    async def _forward(self, client: h11.Connection, exchange: _Exchange, limit: BodyLimit) -> None:
+        route = exchange.route
+        request = exchange.request
+        # We answer `Expect: 100-continue` ourselves, once a backend connection is up,
+        # so the expectation must not travel on.
+        headers = upstream_request_headers(request, self.identity, self.client_ip)
+        upstream_req = h11.Request(
+            method=request.method,
+            target=request.target,
+            headers=[(k, v) for k, v in headers if k.lower() != b"expect"],
+        )
+        for attempt in range(STALE_RETRIES + 1):
+            up = await self._connect(route)
+            started = trio.current_time()
+            try:
+                await self._exchange(client, exchange, up, upstream_req, limit)
+            except _Stale:
+                await _discard(up)
+                if attempt == STALE_RETRIES:
+                    raise BadGateway("backend closed the connection") from None
+                continue
+            except BaseException:
+                await _discard(up)
+                raise
+            self.metrics.upstream_seconds.labels(route.label).observe(trio.current_time() - started)
+            if not self.pool.release(up):
+                await _discard(up)
+            return
+
+    async def _connect(self, route: RouteRuntime) -> Upstream:
+        candidates = [b for b in route.backends.order() if self.pool.is_up(b)]
+        if not candidates:
+            raise ServiceUnavailable("no healthy backend")
+        for backend in candidates:
+            try:
+                return await self.pool.acquire(
+                    backend,
+                    connect_timeout=route.config.connect_timeout.seconds,
+                    tls_context=route.tls_context,
+                    server_hostname=route.config.tls_server_name,
+                )
+            except ConnectFailed as exc:
+                self.metrics.upstream_connect_errors.labels(route.label, str(backend)).inc()
+                log.warning("route %s: %s", route.label, exc)
+        raise BadGateway("no backend answered")
+
+    async def _exchange(
+        self,
+        client: h11.Connection,
+        exchange: _Exchange,
+        up: Upstream,
+        upstream_req: h11.Request,
+        limit: BodyLimit,
+    ) -> None:
+        stale_ok = up.reused and not exchange.has_body
+        try:
+            await self._send_up(up, upstream_req)
+            if not exchange.has_body:
+                await self._send_up(up, h11.EndOfMessage())
+        except _UpstreamBroken as exc:
+            if stale_ok:
+                raise _Stale from exc
+            raise
+
+        errors: list[BaseException] = []
+        with trio.CancelScope() as both:
+
+            async def capture(fn: Callable[[], Awaitable[None]]) -> None:
+                try:
+                    await fn()
+                except Exception as exc:  # handed to the caller below
+                    errors.append(exc)
+                    both.cancel()
+
+            async with trio.open_nursery() as nursery:
+                if exchange.has_body:
+                    nursery.start_soon(
+                        capture, lambda: self._pump_body(client, exchange, up, limit)
+                    )
+                await capture(lambda: self._relay_response(client, exchange, up, stale_ok))
+                nursery.cancel_scope.cancel()  # response done: stop reading a body nobody wants
+        if errors:
+            raise errors[0]
+
+    async def _pump_body(
+        self, client: h11.Connection, exchange: _Exchange, up: Upstream, limit: BodyLimit
+    ) -> None:
+        if client.they_are_waiting_for_100_continue:
+            exchange.sent_100 = True
+            await self._send_client(client, h11.InformationalResponse(status_code=100, headers=[]))
+        try:
+            while True:
+                event = await self._next_client_event(client)
+                if isinstance(event, h11.Data):
+                    limit.add(len(event.data))
+                    self.metrics.bytes.labels(self.listener.label, "in").inc(len(event.data))
+                    await self._send_up(up, h11.Data(data=event.data))
+                elif isinstance(event, h11.EndOfMessage):
+                    await self._send_up(up, h11.EndOfMessage())
+                    return
+        except _UpstreamBroken:
+            # The backend stopped taking the body: it may be answering already (413, 401),
+            # and that answer is what the client should get. The response side reports
+            # what happened; the unread rest of the body closes the client connection.
+            return
+
+    async def _next_client_event(self, client: h11.Connection) -> Any:
+        while True:
+            try:
+                event = client.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise BadRequest("malformed request body") from exc
+            if event is not h11.NEED_DATA:
+                return event
+            with trio.move_on_after(self.listener.idle_timeout.seconds) as scope:
+                try:
+                    data = await self.stream.receive_some(RECEIVE_SIZE)
+                except _STREAM_ERRORS as exc:
+                    raise _ClientGone from exc
+            if scope.cancelled_caught:
+                raise RequestTimeout("request body stalled")
+            if not data:
+                raise _ClientGone
+            client.receive_data(bytes(data))
+
+    async def _relay_response(
+        self, client: h11.Connection, exchange: _Exchange, up: Upstream, stale_ok: bool
+    ) -> None:
+        timeout = exchange.route.config.read_timeout.seconds
+        response, rest = await self._relay_heads(client, exchange, up, stale_ok, timeout)
+        headers = downstream_response_headers(response)
+        if self.session.closing is not None:
+            headers.append((b"Connection", b"close"))
+        exchange.response_started = True
+        exchange.status = response.status_code
+        await self._send_client(
+            client,
+            h11.Response(status_code=response.status_code, headers=headers, reason=response.reason),
+        )
+        if rest:  # h11 takes b"" to mean EOF
+            up.conn.receive_data(rest)
+        while True:
+            try:
+                event = up.conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise BadGateway("backend response body was malformed or cut short") from exc
+            if event is h11.NEED_DATA:
+                up.conn.receive_data(await self._receive_up(up, timeout))
+            elif isinstance(event, h11.Data):
+                self.metrics.bytes.labels(self.listener.label, "out").inc(len(event.data))
+                await self._send_client(client, h11.Data(data=event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                await self._send_client(client, h11.EndOfMessage())
+                return
+            else:
+                raise BadGateway("backend response ended unexpectedly")
+
+    async def _relay_heads(
+        self,
+        client: h11.Connection,
+        exchange: _Exchange,
+        up: Upstream,
+        stale_ok: bool,
+        timeout: float,
+    ) -> tuple[h11.Response, bytes]:
+        """Relay informational (1xx) heads; return the final head and the bytes after it."""
+        rest = b""
+        while True:
+            head = await self._read_upstream_head(up, rest, timeout, stale_ok)
+            stale_ok = False
+            up.conn.receive_data(head.raw)
+            try:
+                event = up.conn.next_event()
+                if not isinstance(event, h11.InformationalResponse | h11.Response):
+                    raise BadGateway("backend sent no response")
+                validate_response(head.raw, event)
+            except h11.RemoteProtocolError as exc:
+                raise BadGateway("backend sent a malformed response") from exc
+            rest = head.rest
+            if isinstance(event, h11.Response):
+                return event, rest
+            if event.status_code == 101:
+                raise BadGateway("backend switched protocols on a plain HTTP route")
+            if event.status_code == 100 and exchange.sent_100:
+                continue
+            info = h11.InformationalResponse(
+                status_code=event.status_code, headers=downstream_response_headers(event)
+            )
+            await self._send_client(client, info)
+
+    async def _read_upstream_head(
+        self, up: Upstream, rest: bytes, timeout: float, stale_ok: bool
+    ) -> Head:
+        reader = HeadReader(max_bytes=MAX_RESPONSE_HEAD, response=True)
+        if rest and (head := reader.feed(rest)) is not None:
+            return head
+        with trio.move_on_after(timeout):
+            while True:
+                try:
+                    data = await up.stream.receive_some(RECEIVE_SIZE)
+                except _STREAM_ERRORS as exc:
+                    if stale_ok and not reader.buffered:
+                        raise _Stale from exc
+                    raise BadGateway("backend connection failed") from exc
+                if not data:
+                    if stale_ok and not reader.buffered:
+                        raise _Stale
+                    raise BadGateway("backend closed the connection without a response")
+                if (head := reader.feed(bytes(data))) is not None:
+                    return head
+        raise GatewayTimeout("backend did not answer in time")
+
+    async def _receive_up(self, up: Upstream, timeout: float) -> bytes:
+        with trio.move_on_after(timeout):
+            try:
+                return bytes(await up.stream.receive_some(RECEIVE_SIZE))
+            except _STREAM_ERRORS as exc:
+                raise BadGateway("backend connection failed mid-response") from exc
+        raise GatewayTimeout("backend stalled mid-response")
+
+    async def _send_up(self, up: Upstream, event: Any) -> None:
+        data = up.conn.send(event)
+        if data:
+            with trio.move_on_after(self.listener.idle_timeout.seconds):
+                try:
+                    await up.stream.send_all(data)
+                except _STREAM_ERRORS as exc:
+                    raise _UpstreamBroken("backend connection failed") from exc
+                return
+            raise GatewayTimeout("backend stopped reading the request")
+
+    async def _send_client(self, client: h11.Connection, event: Any) -> None:
+        data = client.send(event)
+        if data:
+            with trio.move_on_after(self.listener.idle_timeout.seconds):
+                try:
+                    await self.stream.send_all(data)
+                except _STREAM_ERRORS as exc:
+                    raise _ClientGone from exc
+                return
+            raise _ClientGone
+
+
+def _has_body(framing: Framing) -> bool:
+    return framing.chunked or bool(framing.content_length)
+
+
+async def _discard(up: Upstream) -> None:
+    with trio.move_on_after(1, shield=True), suppress(*_STREAM_ERRORS, OSError):
+        await up.stream.aclose()

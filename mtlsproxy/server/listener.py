@@ -1,0 +1,174 @@
+"""One listening address: accept, handshake, identify, hand over to the protocol.
+
+The connection cap is taken *before* accept: at the cap we stop accepting and the kernel
+backlog holds the queue, instead of accepting sockets we cannot serve. Every connection
+runs in its own task and every error it raises is caught there, so one bad client never
+affects another.
+
+What is checked on every connection, resumed or not: a resumed TLS session skips
+certificate verification (OpenSSL trusts the cached session), so expiry and the deny list
+are checked here against the identity from the session. CA membership is covered by the
+session id context, which changes with the CA bundle (see ``tls.store``).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import trio
+
+from mtlsproxy.config import Listener
+from mtlsproxy.denylist import DenyList
+from mtlsproxy.identity import Identity, IdentityError
+from mtlsproxy.metrics import Metrics
+from mtlsproxy.policy import denied_by
+from mtlsproxy.relay.routing import RouteTable
+from mtlsproxy.server.http import HttpConnection, RouteRuntime
+from mtlsproxy.server.upstream import UpstreamPool
+from mtlsproxy.sessions import Session, SessionRegistry
+from mtlsproxy.tls.engine import HandshakeError, TLSStream
+from mtlsproxy.tls.store import CredentialStore
+
+log = logging.getLogger("mtlsproxy.listener")
+
+# Accept errors that mean "out of resources right now": wait and retry, as trio's
+# serve_listeners does, rather than let one burst take the listener down.
+_TRANSIENT_ACCEPT = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+@dataclass
+class Shared:
+    """What every connection of the proxy shares."""
+
+    store: CredentialStore
+    sessions: SessionRegistry
+    pool: UpstreamPool
+    metrics: Metrics
+    handshake_timeout: float
+
+
+@dataclass
+class ListenerRuntime:
+    config: Listener
+    routes: RouteTable[RouteRuntime] | None
+    limit: trio.Semaphore
+
+    @property
+    def label(self) -> str:
+        return self.config.label
+
+
+async def accept_loop(
+    runtime: ListenerRuntime,
+    sock: trio.SocketListener,
+    shared: Shared,
+    connections: trio.Nursery,
+) -> None:
+    while True:
+        await runtime.limit.acquire()
+        try:
+            stream = await sock.accept()
+        except OSError as exc:
+            runtime.limit.release()
+            if exc.errno in _TRANSIENT_ACCEPT:
+                log.warning("listener %s: accept failed (%s); retrying", runtime.label, exc)
+                await trio.sleep(0.1)
+                continue
+            raise
+        except BaseException:
+            runtime.limit.release()
+            raise
+        connections.start_soon(_connection, runtime, stream, shared)
+
+
+async def _connection(runtime: ListenerRuntime, stream: trio.SocketStream, shared: Shared) -> None:
+    peer = _peer(stream)
+    label = runtime.label
+    try:
+        with shared.metrics.active_connections.labels(label).track_inprogress():
+            await _handshake_and_serve(runtime, stream, shared, peer)
+    except Exception:
+        log.exception("listener %s: connection from %s failed", label, peer)
+    finally:
+        runtime.limit.release()
+
+
+async def _handshake_and_serve(
+    runtime: ListenerRuntime, stream: trio.SocketStream, shared: Shared, peer: str
+) -> None:
+    label = runtime.label
+    metrics = shared.metrics
+    material = shared.store.current()
+    tls = TLSStream(stream, material.context_for(runtime.config.mode), server_side=True)
+    started = trio.current_time()
+    try:
+        await tls.do_handshake(timeout=shared.handshake_timeout)
+    except HandshakeError as exc:
+        metrics.refused(label, exc.reason)
+        log.info("listener %s: refused %s: %s (%s)", label, peer, exc.reason, exc.detail)
+        return
+    finally:
+        metrics.handshake_seconds.labels(label).observe(trio.current_time() - started)
+    try:
+        cert = tls.peer_certificate
+        if cert is None:  # VERIFY_FAIL_IF_NO_PEER_CERT makes this unreachable; fail closed
+            metrics.refused(label, "no_cert")
+            return
+        try:
+            identity = Identity.from_certificate(cert)
+        except IdentityError as exc:
+            metrics.refused(label, "bad_cert")
+            log.info("listener %s: refused %s: bad_cert (%s)", label, peer, exc)
+            return
+        result = _connection_check(identity, material.credentials.deny)
+        resumed = "true" if tls.session_reused else "false"
+        metrics.handshakes.labels(label, result, resumed).inc()
+        if result != "ok":
+            log.info("listener %s: refused %s (%s): %s", label, peer, _who(identity), result)
+            if runtime.config.mode != "http":
+                return
+            # HTTP clients get told why: the relay answers their first request 403.
+        session = Session(label, peer, identity, runtime.config.mode)
+        shared.sessions.add(session)
+        try:
+            with session.cancel_scope:
+                if runtime.routes is None:
+                    raise NotImplementedError("tcp listeners arrive with the WebSocket/TCP issue")
+                await HttpConnection(
+                    tls,
+                    session=session,
+                    listener=runtime.config,
+                    routes=runtime.routes,
+                    pool=shared.pool,
+                    store=shared.store,
+                    metrics=metrics,
+                    client_ip=peer.rsplit(":", 1)[0].strip("[]"),
+                ).run()
+        finally:
+            shared.sessions.remove(session)
+    finally:
+        with trio.CancelScope(shield=True):
+            await tls.aclose()
+
+
+def _connection_check(identity: Identity, deny: DenyList) -> str:
+    if datetime.now(UTC) >= identity.not_after:
+        return "expired"
+    if denied_by(deny, identity) is not None:
+        return "denied"
+    return "ok"
+
+
+def _who(identity: Identity) -> str:
+    return identity.spiffe_id or identity.cn or identity.fingerprint
+
+
+def _peer(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+    except OSError:
+        return "?"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,0 +1,149 @@
+"""The proxy process: build everything from the config, bind, serve, drain, exit.
+
+Lifecycle: ``Proxy(config)`` loads and proves the credentials and builds every route
+table (so a bad config or file fails before a socket is bound); ``run()`` binds every
+listener first and reports the bound addresses (tests use port 0), then accepts until
+``shutdown()``. Shutdown stops accepting at once, asks every live session to finish what
+it is doing (an idle keep-alive connection closes now, one mid-response finishes it),
+waits up to ``drain_timeout``, and then cancels what is left.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from mtlsproxy.address import Address
+from mtlsproxy.config import Config, Listener
+from mtlsproxy.errors import ConfigError, MtlsProxyError
+from mtlsproxy.metrics import Metrics
+from mtlsproxy.relay.errors import RouteError
+from mtlsproxy.relay.routing import RoundRobin, Route, RouteTable
+from mtlsproxy.server.http import RouteRuntime
+from mtlsproxy.server.listener import ListenerRuntime, Shared, accept_loop
+from mtlsproxy.server.upstream import UpstreamPool
+from mtlsproxy.sessions import SessionRegistry
+from mtlsproxy.tls.backend import backend_context
+from mtlsproxy.tls.store import CredentialStore
+
+log = logging.getLogger("mtlsproxy")
+
+
+@dataclass(frozen=True)
+class Bound:
+    listener: str
+    address: Address
+
+
+class Proxy:
+    def __init__(self, config: Config, config_path: str = "config") -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.sessions = SessionRegistry()
+        self.store = CredentialStore(config.tls)
+        self.shared = Shared(
+            store=self.store,
+            sessions=self.sessions,
+            pool=UpstreamPool(),
+            metrics=self.metrics,
+            handshake_timeout=config.tls.handshake_timeout.seconds,
+        )
+        self.listeners = [
+            _runtime(i, listener, config, config_path)
+            for i, listener in enumerate(config.listeners)
+        ]
+        self._shutdown = trio.Event()
+        self._stopped = trio.Event()
+        self.draining = False
+
+    def shutdown(self) -> None:
+        self._shutdown.set()
+
+    async def stopped(self) -> None:
+        """Return once ``run()`` has finished draining."""
+        await self._stopped.wait()
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        bound: list[tuple[ListenerRuntime, trio.SocketListener]] = []
+        try:
+            for runtime in self.listeners:
+                address = runtime.config.listen
+                try:
+                    sockets = await trio.open_tcp_listeners(address.port, host=address.host)
+                except OSError as exc:
+                    raise MtlsProxyError(
+                        f"cannot listen on {address} ({runtime.label}): {exc.strerror}"
+                    ) from exc
+                bound += [(runtime, s) for s in sockets]
+            addresses = [Bound(r.label, _local(s)) for r, s in bound]
+            for b in addresses:
+                log.info("listening on %s (%s)", b.address, b.listener)
+            async with trio.open_nursery() as connections:
+                async with trio.open_nursery() as accepting:
+                    for runtime, sock in bound:
+                        accepting.start_soon(accept_loop, runtime, sock, self.shared, connections)
+                    task_status.started(addresses)
+                    await self._shutdown.wait()
+                    accepting.cancel_scope.cancel()
+                for _, sock in bound:
+                    await sock.aclose()
+                await self._drain(connections)
+        finally:
+            with trio.CancelScope(shield=True):
+                for _, sock in bound:
+                    await sock.aclose()
+                await self.shared.pool.aclose()
+            self._stopped.set()
+
+    async def _drain(self, connections: trio.Nursery) -> None:
+        self.draining = True
+        timeout = self.config.drain_timeout.seconds
+        live = len(self.sessions)
+        log.info("draining %d connection(s), at most %g s", live, timeout)
+        for session in self.sessions:
+            session.close("shutdown")
+        connections.cancel_scope.deadline = trio.current_time() + timeout
+
+    async def watch_signals(self) -> None:
+        """SIGTERM/SIGINT: drain and exit; a second one: stop now."""
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                if self._shutdown.is_set():
+                    log.warning("second %s: stopping now", signal.Signals(signum).name)
+                    raise KeyboardInterrupt
+                log.info("%s: draining", signal.Signals(signum).name)
+                self.shutdown()
+
+
+def _runtime(index: int, listener: Listener, config: Config, config_path: str) -> ListenerRuntime:
+    routes: RouteTable[RouteRuntime] | None = None
+    if listener.mode == "http":
+        entries = []
+        for j, route in enumerate(listener.routes):
+            where = f"listeners[{index}].routes[{j}]"
+            label = route.name or f"{route.host or '*'}{route.path_prefix}"
+            tls_ctx = backend_context(route, config, where) if route.tls else None
+            runtime = RouteRuntime(j, label, route, RoundRobin(route.backends), tls_ctx)
+            entries.append(Route(j, runtime, host=route.host, path_prefix=route.path_prefix))
+        try:
+            routes = RouteTable(entries)
+        except RouteError as exc:
+            raise ConfigError(
+                config_path, f"listeners[{index}].routes[{exc.index}]", exc.reason
+            ) from exc
+    else:
+        raise ConfigError(
+            config_path,
+            f"listeners[{index}].mode",
+            "tcp listeners are not supported by this version yet",
+        )
+    return ListenerRuntime(listener, routes, trio.Semaphore(listener.max_connections))
+
+
+def _local(sock: trio.SocketListener) -> Address:
+    host, port = sock.socket.getsockname()[:2]
+    return Address(host, port)

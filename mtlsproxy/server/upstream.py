@@ -1,0 +1,148 @@
+"""Connections to backends: open with a deadline, keep alive in a pool, notice dead ones.
+
+Health is passive: a backend that refuses a connection (or times out connecting) is
+marked down for a short, growing back-off (1 s doubling to 10 s) and skipped while down;
+the next request after the back-off tries it again, and a success clears the mark.
+A route whose backends are all down answers 503 at once instead of making every client
+wait for the connect timeouts.
+
+Pooled connections are checked before reuse: an idle keep-alive socket that has become
+readable has been closed by the backend (or carries bytes nobody asked for), and is
+dropped. The pool keeps connections idle for at most ``IDLE_SECONDS``, under the 5 s
+keep-alive common to backend servers, so we rarely race a backend closing one.
+"""
+
+from __future__ import annotations
+
+import select
+from collections import defaultdict
+from contextlib import suppress
+from dataclasses import dataclass, field
+
+import h11
+import trio
+from OpenSSL import SSL
+
+from mtlsproxy.address import Address
+from mtlsproxy.tls.engine import HandshakeError, TLSStream
+
+IDLE_SECONDS = 4.0
+MAX_IDLE_PER_BACKEND = 64
+_DOWN_MIN, _DOWN_MAX = 1.0, 10.0
+
+
+class ConnectFailed(Exception):
+    def __init__(self, backend: Address, why: str) -> None:
+        self.backend = backend
+        self.why = why
+        super().__init__(f"cannot connect to {backend}: {why}")
+
+
+@dataclass(eq=False)
+class Upstream:
+    backend: Address
+    stream: trio.abc.Stream
+    fileno: int
+    conn: h11.Connection = field(default_factory=lambda: h11.Connection(h11.CLIENT))
+    reused: bool = False
+    idle_since: float = 0.0
+
+    def looks_alive(self) -> bool:
+        try:
+            readable, _, _ = select.select([self.fileno], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return not readable
+
+
+@dataclass
+class _Health:
+    down_until: float = 0.0
+    backoff: float = _DOWN_MIN
+
+
+class UpstreamPool:
+    def __init__(self) -> None:
+        self._idle: defaultdict[Address, list[Upstream]] = defaultdict(list)
+        self._health: defaultdict[Address, _Health] = defaultdict(_Health)
+
+    def is_up(self, backend: Address) -> bool:
+        return trio.current_time() >= self._health[backend].down_until
+
+    async def acquire(
+        self,
+        backend: Address,
+        *,
+        connect_timeout: float,
+        tls_context: SSL.Context | None = None,
+        server_hostname: str | None = None,
+    ) -> Upstream:
+        idle = self._idle[backend]
+        now = trio.current_time()
+        while idle:
+            up = idle.pop()  # most recently used first: the likeliest to be alive
+            if now - up.idle_since < IDLE_SECONDS and up.looks_alive():
+                up.reused = True
+                return up
+            await _close(up)
+        try:
+            up = await self._connect(backend, connect_timeout, tls_context, server_hostname)
+        except ConnectFailed:
+            health = self._health[backend]
+            health.down_until = trio.current_time() + health.backoff
+            health.backoff = min(health.backoff * 2, _DOWN_MAX)
+            raise
+        self._health[backend] = _Health()
+        return up
+
+    async def _connect(
+        self,
+        backend: Address,
+        timeout: float,
+        tls_context: SSL.Context | None,
+        server_hostname: str | None,
+    ) -> Upstream:
+        with trio.move_on_after(timeout) as scope:
+            try:
+                tcp = await trio.open_tcp_stream(backend.host, backend.port)
+            except OSError as exc:
+                raise ConnectFailed(backend, exc.strerror or str(exc)) from exc
+            fileno = tcp.socket.fileno()
+            if tls_context is None:
+                return Upstream(backend, tcp, fileno)
+            tls = TLSStream(
+                tcp, tls_context, server_side=False, server_hostname=server_hostname or backend.host
+            )
+            try:
+                await tls.do_handshake(timeout=timeout)
+            except HandshakeError as exc:
+                raise ConnectFailed(backend, f"TLS: {exc.detail}") from exc
+            # TLSStream re-wraps the same descriptor, so the number stays valid.
+            return Upstream(backend, tls, fileno)
+        assert scope.cancelled_caught
+        raise ConnectFailed(backend, f"no connection within {timeout:g} s")
+
+    def release(self, up: Upstream) -> bool:
+        """Keep ``up`` for reuse if its exchange ended cleanly; False means: close it."""
+        conn = up.conn
+        if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+            return False
+        if conn.trailing_data[0]:
+            return False  # bytes after the response: the backend is confused
+        idle = self._idle[up.backend]
+        if len(idle) >= MAX_IDLE_PER_BACKEND:
+            return False
+        conn.start_next_cycle()
+        up.idle_since = trio.current_time()
+        idle.append(up)
+        return True
+
+    async def aclose(self) -> None:
+        for idle in self._idle.values():
+            while idle:
+                await _close(idle.pop())
+
+
+async def _close(up: Upstream) -> None:
+    with trio.move_on_after(1, shield=True), suppress(trio.BrokenResourceError, OSError):
+        await up.stream.aclose()

@@ -1,0 +1,389 @@
+"""TLS as a trio Stream: pyOpenSSL in socket mode.
+
+Theory of operation
+===================
+
+trio's own ``SSLStream`` drives the stdlib ``ssl`` module through memory BIOs: Python
+shuttles every ciphertext byte between OpenSSL and the socket. We let OpenSSL own the
+socket instead ("socket mode", see DESIGN.md for the measurement): the
+``SSL.Connection`` reads and writes the file descriptor itself, and we only call it
+non-blockingly and, when it answers WantRead/WantWrite, park the task with
+``trio.lowlevel.wait_readable``/``wait_writable`` and call it again. Every public
+operation is that one loop (``_io``) around one OpenSSL call.
+
+Taking the socket: ``trio.SocketStream.socket`` is a trio socket wrapping a stdlib one.
+We ``detach()`` its file descriptor and build our own ``socket.socket`` on it, so the
+TLSStream is the one owner of the fd and nothing else can close it under OpenSSL (a
+``dup`` would leave two owners, and the private ``_sock`` attribute is not API). The
+SocketStream passed in is spent afterwards; read addresses from ``peer_address``.
+
+Waiting: trio allows one task per fd and direction in ``wait_readable``. A receiving task
+can be parked on readability when a sending task gets WantRead (TLS may need to read to
+write), so the second task *piggybacks*: it waits for the first one's wake-up and then
+retries its own call (``_Parker``). OpenSSL may hold decrypted bytes already
+(``Connection.pending()``); we never wait before trying, so those are returned at once.
+
+Errors are translated in one place (``_mapped``): resets, protocol errors and failed
+writes become ``trio.BrokenResourceError``; use after ``aclose`` becomes
+``trio.ClosedResourceError``. A failed handshake raises ``HandshakeError`` whose
+``reason`` says why (``no_cert``, ``unknown_ca``, ``expired``, ``bad_cert``, ``timeout``,
+``protocol_error``); before raising, the alert OpenSSL wrote is given time to reach the
+peer: ``shutdown(SHUT_WR)`` and a short drain. A TLS 1.3 client considers its handshake
+done before it learns our verdict and may already be writing; closing at once would answer
+those bytes with RST, and the client's next write fails with EPIPE/"connection reset"
+before it ever reads the "certificate required" alert waiting in its buffer.
+
+EOF: ``receive_some`` returns ``b""`` on close_notify *and* on a bare TCP EOF. Most
+clients (curl, browsers, HTTP/1.1 stacks) close without close_notify; truncation is caught
+one layer up where it matters (h11 knows when a body is short). ``eof_was_clean`` tells
+the two apart for logs.
+
+Half-close: ``send_eof`` sends close_notify and keeps reading, which TLS 1.3 defines and
+OpenSSL supports in both 1.2 and 1.3 (tested). A cancelled ``send_all`` leaves an OpenSSL
+write half done, which cannot be resumed with other data, so the stream becomes broken
+(as in trio's SSLStream).
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager, suppress
+from typing import Any, TypeVar
+
+import trio
+from cryptography import x509
+from OpenSSL import SSL
+from OpenSSL._util import lib as _lib
+
+from mtlsproxy.errors import MtlsProxyError
+from mtlsproxy.tls.context import HandshakeFailure, VerifyRecord, classify_failure, expect_host
+
+__all__ = ["HandshakeError", "HandshakeFailure", "TLSStream"]
+
+T = TypeVar("T")
+
+
+class HandshakeError(MtlsProxyError):
+    """The TLS handshake failed; ``reason`` is the category for logs and metrics."""
+
+    status = 400
+
+    def __init__(self, reason: HandshakeFailure, detail: str) -> None:
+        self.reason: HandshakeFailure = reason
+        self.detail = detail
+        super().__init__(f"TLS handshake failed ({reason}): {detail}")
+
+
+_DEFAULT_RECEIVE = 65536
+
+
+class _Parker:
+    """Waits for one fd direction; concurrent callers share the one trio allows."""
+
+    def __init__(self, wait: Callable[[socket.socket], Awaitable[None]]) -> None:
+        self._wait = wait
+        self._event: trio.Event | None = None
+
+    async def wait(self, sock: socket.socket) -> None:
+        if self._event is not None:
+            # Someone is parked already: wake with them, then retry (the caller loops).
+            await self._event.wait()
+            return
+        event = self._event = trio.Event()
+        try:
+            await self._wait(sock)
+        finally:
+            self._event = None
+            event.set()
+
+
+class TLSStream(trio.abc.HalfCloseableStream):
+    """A trio Stream over a TCP socket, encrypted by an ``OpenSSL.SSL.Connection``.
+
+    Call ``do_handshake()`` first. ``server_hostname`` (client side) sets SNI and makes
+    OpenSSL check the certificate's names against it (DNS name or IP address).
+    """
+
+    def __init__(
+        self,
+        transport: trio.SocketStream,
+        context: SSL.Context,
+        *,
+        server_side: bool,
+        server_hostname: str | None = None,
+        drain_timeout: float = 1.0,
+        close_timeout: float = 1.0,
+    ) -> None:
+        self._sock = socket.socket(fileno=transport.socket.detach())
+        self._sock.setblocking(False)
+        self._conn = SSL.Connection(context, self._sock)
+        self._verify = VerifyRecord()
+        self._conn.set_app_data(self._verify)
+        if server_side:
+            self._conn.set_accept_state()
+        else:
+            self._conn.set_connect_state()
+            if server_hostname is not None:
+                expect_host(self._conn, server_hostname)
+        self._drain_timeout = drain_timeout
+        self._close_timeout = close_timeout
+        self._readable = _Parker(trio.lowlevel.wait_readable)
+        self._writable = _Parker(trio.lowlevel.wait_writable)
+        self._handshake_done = False
+        self._peer_certificate: x509.Certificate | None = None
+        self._busy: set[str] = set()
+        self._broken = False
+        self._closed = False
+        self._eof_sent = False
+        self._eof_received: bool | None = None  # None: no EOF yet; else: was it clean?
+
+    # ---- the one loop --------------------------------------------------------------
+
+    async def _io(self, fn: Callable[..., T], *args: object) -> T:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        waited = False
+        try:
+            while True:
+                try:
+                    return fn(*args)
+                except SSL.WantReadError:
+                    await self._readable.wait(self._sock)
+                except SSL.WantWriteError:
+                    await self._writable.wait(self._sock)
+                waited = True
+        finally:
+            if not waited:
+                # trio's contract: every async operation is a schedule point.
+                await trio.lowlevel.cancel_shielded_checkpoint()
+
+    @contextmanager
+    def _mapped(self) -> Iterator[None]:
+        try:
+            yield
+        except trio.ClosedResourceError:
+            raise  # aclose() from another task woke our wait
+        except (SSL.Error, OSError) as exc:
+            self._broken = True
+            if self._closed:
+                raise trio.ClosedResourceError("the TLS stream was closed") from exc
+            raise trio.BrokenResourceError(f"TLS connection failed: {exc!r}") from exc
+
+    @contextmanager
+    def _claim(self, what: str) -> Iterator[None]:
+        # Like trio's ConflictDetector: two senders would interleave records, two
+        # receivers would split one stream's bytes arbitrarily; both are caller bugs.
+        if what in self._busy:
+            raise trio.BusyResourceError(f"another task is already {what} on this stream")
+        self._busy.add(what)
+        try:
+            yield
+        finally:
+            self._busy.discard(what)
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("the TLS stream was closed")
+        if self._broken:
+            raise trio.BrokenResourceError("the TLS stream is broken")
+        if not self._handshake_done:
+            raise RuntimeError("call do_handshake() before using the stream")
+
+    # ---- handshake -----------------------------------------------------------------
+
+    async def do_handshake(self, *, timeout: float = 10.0) -> None:
+        """Run the handshake within ``timeout`` seconds or raise ``HandshakeError``.
+
+        On failure the socket is closed (after the alert had its chance to leave).
+        """
+        if self._handshake_done:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._closed or self._broken:
+            self._check_usable()
+        try:
+            with trio.move_on_after(timeout) as scope:
+                await self._io(self._conn.do_handshake)
+        except (SSL.Error, OSError) as exc:
+            self._broken = True
+            reason, detail = classify_failure(exc, self._verify)
+            await self._close_after_alert()
+            raise HandshakeError(reason, detail) from exc
+        except BaseException:
+            # Cancelled from outside, or aclose() from another task: no alert to deliver.
+            self._broken = True
+            self._close_socket()
+            raise
+        if scope.cancelled_caught:
+            self._broken = True
+            self._close_socket()
+            raise HandshakeError("timeout", f"no complete handshake within {timeout:g} s")
+        self._handshake_done = True
+        # Every connection needs it (identity, logs), so decode it once, here.
+        self._peer_certificate = self._conn.get_peer_certificate(as_cryptography=True)
+
+    async def _close_after_alert(self) -> None:
+        # Socket mode: OpenSSL has already written the alert into the kernel's send buffer.
+        # FIN after it, then read until the peer closes (it does, once it reads the alert)
+        # so that no unread input is left to turn our close into a RST.
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+            with trio.move_on_after(self._drain_timeout):
+                while True:
+                    try:
+                        if not self._sock.recv(65536):
+                            break
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_readable(self._sock)
+        except OSError:
+            pass  # the peer is gone already; nothing left to protect
+        finally:
+            self._close_socket()
+
+    # ---- what the handshake established --------------------------------------------
+
+    @property
+    def peer_certificate(self) -> x509.Certificate | None:
+        """The peer's verified leaf certificate (None before the handshake or if none sent)."""
+        return self._peer_certificate
+
+    @property
+    def verified_chain(self) -> list[x509.Certificate] | None:
+        """Leaf to trust anchor as verified in *this* handshake.
+
+        None on a resumed session: OpenSSL does not keep the verified chain in the session,
+        only the leaf (``peer_certificate``), which was verified when the session began.
+        """
+        return self._conn.get_verified_chain(as_cryptography=True)
+
+    @property
+    def alpn_protocol(self) -> bytes | None:
+        return self._conn.get_alpn_proto_negotiated() or None
+
+    @property
+    def tls_version(self) -> str:
+        return self._conn.get_protocol_version_name()
+
+    @property
+    def cipher(self) -> str | None:
+        return self._conn.get_cipher_name()
+
+    @property
+    def session_reused(self) -> bool:
+        # Not exposed by pyOpenSSL; the bindings have it, on the SSL* kept in ``_ssl``.
+        return bool(_lib.SSL_session_reused(self._conn._ssl))
+
+    @property
+    def eof_was_clean(self) -> bool | None:
+        """After ``receive_some`` returned b"": did the peer send close_notify?"""
+        return self._eof_received
+
+    @property
+    def peer_address(self) -> tuple[Any, ...]:
+        address: tuple[Any, ...] = self._sock.getpeername()
+        return address
+
+    @property
+    def local_address(self) -> tuple[Any, ...]:
+        address: tuple[Any, ...] = self._sock.getsockname()
+        return address
+
+    # ---- the Stream ----------------------------------------------------------------
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        with self._claim("sending"):
+            if self._eof_sent and not self._closed:
+                raise trio.ClosedResourceError("send_eof() was called; cannot send")
+            self._check_usable()
+            view = memoryview(data).cast("B")
+            if not view:
+                await trio.lowlevel.checkpoint()
+                return
+            sent = 0
+            with self._mapped():
+                try:
+                    while sent < len(view):
+                        # Partial writes are on (pyOpenSSL sets ENABLE_PARTIAL_WRITE): a
+                        # retry after WantWrite passes the same remaining bytes again.
+                        sent += await self._io(self._conn.send, view[sent:])
+                except trio.Cancelled:
+                    self._broken = True  # a half-written record cannot be abandoned
+                    raise
+
+    async def wait_send_all_might_not_block(self) -> None:
+        with self._claim("sending"):
+            self._check_usable()
+            with self._mapped():
+                await self._writable.wait(self._sock)
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if max_bytes is None:
+            max_bytes = _DEFAULT_RECEIVE
+        elif max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
+        with self._claim("receiving"):
+            self._check_usable()
+            if self._eof_received is not None:
+                await trio.lowlevel.checkpoint()
+                return b""
+            with self._mapped():
+                try:
+                    return await self._io(self._conn.recv, max_bytes)
+                except SSL.ZeroReturnError:
+                    self._eof_received = True
+                except SSL.SysCallError as exc:
+                    # pyOpenSSL reports "EOF without close_notify" as (-1, 'Unexpected EOF')
+                    # on every OpenSSL version; a real errno (ECONNRESET...) is a failure.
+                    if exc.args[0] != -1:
+                        raise
+                    self._eof_received = False
+                return b""
+
+    async def send_eof(self) -> None:
+        with self._claim("sending"):
+            self._check_usable()
+            if self._eof_sent:
+                await trio.lowlevel.checkpoint()
+                return
+            with self._mapped():
+                # SSL_shutdown queues close_notify; a retry after WantWrite only flushes it,
+                # it does not start waiting for the peer's close_notify (ssl3_shutdown).
+                await self._io(self._conn.shutdown)
+            self._eof_sent = True
+
+    async def aclose(self) -> None:
+        """Send close_notify (best effort, ``close_timeout``), then close. Idempotent."""
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        try:
+            if self._handshake_done and not self._broken and not self._eof_sent:
+                # The peer may be gone already; then closing is all that is left to do.
+                with (
+                    trio.move_on_after(self._close_timeout),
+                    suppress(SSL.Error, OSError, trio.ClosedResourceError),
+                ):
+                    await self._io(self._conn.shutdown)
+            else:
+                await trio.lowlevel.checkpoint()
+        finally:
+            self._close_socket()
+
+    def _close_socket(self) -> None:
+        self._closed = True
+        if self._sock.fileno() == -1:
+            return
+        # Discard input that already arrived (typically the peer's close_notify) without
+        # waiting: closing with unread bytes makes the kernel send RST, which can destroy
+        # our last response still in flight to the peer.
+        try:
+            for _ in range(16):  # bounded: a peer that keeps sending gets its RST
+                if not self._sock.recv(65536):
+                    break
+        except OSError:
+            pass
+        # Wake any task parked on this fd (it gets ClosedResourceError) before the fd
+        # number can be reused.
+        trio.lowlevel.notify_closing(self._sock)
+        self._sock.close()

@@ -1,0 +1,220 @@
+"""Only clients of the private CA get through, and the backend learns exactly who they are."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import ssl
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import trio
+from cryptography.hazmat.primitives import serialization
+from proxy_env import decode, parse_responses
+from support import IssueFn, Pair
+
+from mtlsproxy import pem
+from mtlsproxy.relay.xfcc import parse_xfcc
+
+XFCC = "x-forwarded-client-cert"
+
+
+def leaf_sha256(pair: Pair) -> str:
+    leaf = pem.load_certificates(pair.crt.read_bytes(), pair.crt)[0]
+    return hashlib.sha256(leaf.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+async def test_curl_requests_and_httpx_carry_the_identity(make_env, client_pair: Pair) -> None:
+    env = await make_env()
+    want = leaf_sha256(client_pair)
+
+    proc = await env.curl(env.url + "/curl?x=1")
+    assert proc.returncode == 0, proc.stderr
+    seen = decode(proc.stdout)
+    assert seen["path"] == "/curl?x=1"
+    (xfcc,) = seen["headers"][XFCC]
+    (element,) = parse_xfcc(xfcc)
+    assert element.get("Hash") == want
+    assert element.get("Subject") == "CN=player-1,OU=players"
+    assert element.get_all("URI") == ["spiffe://game.example/player/1"]
+    assert seen["headers"]["x-forwarded-for"] == ["127.0.0.1"]
+    assert seen["headers"]["x-forwarded-proto"] == ["https"]
+    assert seen["headers"]["host"] == [f"localhost:{env.port}"]
+    assert seen["headers"]["x-forwarded-host"] == [f"localhost:{env.port}"]
+
+    seen = await env.get_json("/requests")
+    assert parse_xfcc(seen["headers"][XFCC][0])[0].get("Hash") == want
+
+    def with_httpx() -> httpx.Response:
+        ctx = ssl.create_default_context(cafile=str(env.ca_bundle))
+        ctx.load_cert_chain(client_pair.crt, client_pair.key)
+        with httpx.Client(verify=ctx, timeout=20) as client:
+            return client.post(env.url + "/httpx", content=b"payload")
+
+    response = await trio.to_thread.run_sync(with_httpx)
+    assert response.status_code == 200
+    body = response.json()
+    assert body["body_bytes"] == 7 and body["method"] == "POST"
+    assert parse_xfcc(body["headers"][XFCC][0])[0].get("Hash") == want
+    assert (
+        env.proxy.metrics.sample(
+            "mtlsproxy_handshakes_total",
+            {"listener": "127.0.0.1:0", "result": "ok", "resumed": "false"},
+        )
+        >= 1
+    )
+
+
+async def test_a_client_supplied_xfcc_never_reaches_the_backend(
+    make_env, client_pair: Pair
+) -> None:
+    env = await make_env()
+    spoof = 'Hash=0000;Subject="CN=admin";URI=spiffe://game.example/admin'
+    raw = (
+        f"GET /spoof HTTP/1.1\r\nHost: localhost\r\nX-Forwarded-Client-Cert: {spoof}\r\n"
+        f"x-forwarded-client-cert: {spoof}\r\nX-FORWARDED-CLIENT-CERT: {spoof}\r\n"
+        "X-Forwarded-For: 6.6.6.6\r\nForwarded: for=6.6.6.6\r\nConnection: close\r\n\r\n"
+    ).encode()
+    (answer,) = parse_responses(await env.raw(raw))
+    assert answer.status == 200
+    seen = decode(answer.body)
+    (xfcc,) = seen["headers"][XFCC]
+    assert parse_xfcc(xfcc)[0].get("Hash") == leaf_sha256(client_pair)
+    assert "admin" not in xfcc
+    assert seen["headers"]["x-forwarded-for"] == ["127.0.0.1"]
+
+
+async def test_openssl_without_a_certificate_gets_the_alert_and_no_http(make_env) -> None:
+    env = await make_env()
+    proc = await trio.run_process(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{env.port}", "-servername", "localhost",
+         "-CAfile", str(env.ca_bundle), "-quiet"],
+        stdin=b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        capture_stdout=True, capture_stderr=True, check=False,
+    )  # fmt: skip
+    output = proc.stdout + proc.stderr
+    assert b"certificate required" in output
+    assert b"HTTP/1.1" not in proc.stdout
+    assert (
+        env.proxy.metrics.sample(
+            "mtlsproxy_handshakes_total",
+            {"listener": "127.0.0.1:0", "result": "no_cert", "resumed": "false"},
+        )
+        == 1
+    )
+
+
+async def test_curl_without_a_certificate_is_told_why(make_env) -> None:
+    env = await make_env()
+    proc = await env.curl(env.url + "/", pair=None)
+    assert proc.returncode != 0
+    assert b"alert certificate required" in proc.stderr
+
+
+async def test_strangers_and_expired_certificates_are_refused(
+    make_env, issue: IssueFn, issue_other: IssueFn
+) -> None:
+    env = await make_env()
+    stranger = issue_other("client", "mallory")
+    expired = issue("client", "old", now=datetime.now(UTC) - timedelta(days=2))
+    server_only = issue("server", "not-a-client")
+    for pair, alert, result in (
+        (stranger, b"unknown ca", "unknown_ca"),
+        (expired, b"certificate expired", "expired"),
+        (server_only, b"unsupported certificate", "bad_cert"),
+    ):
+        proc = await env.curl(env.url + "/", pair=pair)
+        assert proc.returncode != 0, result
+        assert alert in proc.stderr, (result, proc.stderr)
+        assert b"x-forwarded-client-cert" not in proc.stdout
+        labels = {"listener": "127.0.0.1:0", "result": result, "resumed": "false"}
+        assert env.proxy.metrics.sample("mtlsproxy_handshakes_total", labels) == 1
+
+
+async def test_a_denied_identity_gets_403(make_env, issue: IssueFn, tmp_path) -> None:
+    thief = issue("client", "thief", uris=["spiffe://game.example/player/666"])
+    (tmp_path / "deny.txt").write_text(
+        f"# stolen\nsha256:{leaf_sha256(thief)}\nuri:spiffe://nobody.example/x\n"
+    )
+    env = await make_env(tls=f'deny = "{tmp_path / "deny.txt"}"')
+    proc = await env.curl("-i", env.url + "/", pair=thief)
+    assert proc.returncode == 0
+    assert proc.stdout.startswith(b"HTTP/1.1 403")
+    assert b"denied" in proc.stdout and b"sha256" not in proc.stdout
+    labels = {"listener": "127.0.0.1:0", "result": "denied", "resumed": "false"}
+    assert env.proxy.metrics.sample("mtlsproxy_handshakes_total", labels) == 1
+    assert (await env.curl(env.url + "/")).returncode == 0  # others still pass
+
+
+async def test_route_allow_rules(make_env, issue: IssueFn) -> None:
+    routes = """
+[[listeners.routes]]
+path_prefix = "/admin"
+backends = ["127.0.0.1:{b0}"]
+[[listeners.routes.allow]]
+ou = "admins"
+[[listeners.routes.allow]]
+uri_prefix = "spiffe://game.example/ops"
+
+[[listeners.routes]]
+path_prefix = "/"
+backends = ["127.0.0.1:{b0}"]
+"""
+    env = await make_env(routes=routes)
+    admin = issue("client", "alice", ous=["admins"])
+    ops = issue("client", "bot", uris=["spiffe://game.example/ops/deployer"])
+    lookalike = issue("client", "eve", uris=["spiffe://game.example/opsx"])
+
+    refused = await env.request("GET", "/admin/users")
+    assert refused.status_code == 403
+    assert refused.text == "403 Forbidden: client certificate not allowed on this route\n"
+    assert (await env.request("GET", "/admin/users", pair=admin)).status_code == 200
+    assert (await env.request("GET", "/admin", pair=ops)).status_code == 200
+    assert (await env.request("GET", "/admin", pair=lookalike)).status_code == 403
+    assert (await env.request("GET", "/administrators")).status_code == 200  # segment boundary
+    assert (await env.request("GET", "/elsewhere")).status_code == 200
+
+
+async def test_no_route_is_404(make_env) -> None:
+    routes = """
+[[listeners.routes]]
+host = "api.example"
+path_prefix = "/"
+backends = ["127.0.0.1:{b0}"]
+"""
+    env = await make_env(routes=routes)
+    response = await env.request("GET", "/")
+    assert response.status_code == 404
+    ok = await env.raw(b"GET / HTTP/1.1\r\nHost: api.example\r\nConnection: close\r\n\r\n")
+    assert ok.startswith(b"HTTP/1.1 200")
+
+
+async def test_session_resumption_keeps_checking(make_env, client_pair: Pair) -> None:
+    """A resumed session (no certificate shown) still gets the identity forwarded."""
+    env = await make_env()
+
+    def two_connections() -> tuple[bool, bytes]:
+        ctx = ssl.create_default_context(cafile=str(env.ca_bundle))
+        ctx.load_cert_chain(client_pair.crt, client_pair.key)
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2  # sessions are available right away
+
+        def one(session: ssl.SSLSession | None) -> tuple[ssl.SSLSession | None, bool, bytes]:
+            with (
+                socket.create_connection(("127.0.0.1", env.port), timeout=20) as raw,
+                ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls,
+            ):
+                tls.sendall(b"GET /r HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                data = b""
+                while chunk := tls.recv(65536):
+                    data += chunk
+                return tls.session, tls.session_reused, data
+
+        session, _, _ = one(None)
+        _, reused, data = one(session)
+        return reused, data
+
+    reused, data = await trio.to_thread.run_sync(two_connections)
+    assert reused
+    assert leaf_sha256(client_pair).encode() in data
+    labels = {"listener": "127.0.0.1:0", "result": "ok", "resumed": "true"}
+    assert env.proxy.metrics.sample("mtlsproxy_handshakes_total", labels) == 1
