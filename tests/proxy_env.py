@@ -8,6 +8,7 @@ what they see is exactly what a user's client would see.
 from __future__ import annotations
 
 import socket
+from functools import partial
 import ssl
 import subprocess
 from collections.abc import Awaitable, Callable
@@ -165,7 +166,7 @@ async def serve_raw(
     nursery: trio.Nursery, handler: Callable[[trio.SocketStream], Awaitable[None]]
 ) -> int:
     """A hand-written backend for cases the demo backend does not misbehave in."""
-    listeners = await nursery.start(trio.serve_tcp, handler, 0, "127.0.0.1")
+    listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
     port: int = listeners[0].socket.getsockname()[1]
     return port
 

@@ -14,6 +14,7 @@ session id context, which changes with the CA bundle (see ``tls.store``).
 from __future__ import annotations
 
 import errno
+from contextlib import suppress
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -37,6 +38,7 @@ log = logging.getLogger("mtlsproxy.listener")
 # Accept errors that mean "out of resources right now": wait and retry, as trio's
 # serve_listeners does, rather than let one burst take the listener down.
 _TRANSIENT_ACCEPT = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+LINGER_SECONDS = 1.0
 
 
 @dataclass
@@ -150,8 +152,7 @@ async def _handshake_and_serve(
         finally:
             shared.sessions.remove(session)
     finally:
-        with trio.CancelScope(shield=True):
-            await tls.aclose()
+        await lingering_close(tls)
 
 
 def _connection_check(identity: Identity, deny: DenyList) -> str:
@@ -172,3 +173,24 @@ def _peer(stream: trio.SocketStream) -> str:
     except OSError:
         return "?"
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def lingering_close(stream: trio.abc.HalfCloseableStream) -> None:
+    """Close so that the last response survives: close_notify, drain briefly, then close.
+
+    Closing a socket that still has unread input (a pipelined request after
+    ``Connection: close``, the unread body of a refused upload) makes the kernel send
+    RST, and a RST makes the client's kernel discard the response it has not read yet.
+    So: say we are done (close_notify), read and drop what the client still sends until
+    it closes or ``LINGER_SECONDS`` pass, then close for real. Shielded and bounded: a
+    cancelled connection still closes cleanly, and a silent client costs at most that.
+    """
+    with trio.CancelScope(shield=True):
+        with (
+            trio.move_on_after(LINGER_SECONDS),
+            suppress(trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError),
+        ):
+            await stream.send_eof()
+            while await stream.receive_some(65536):
+                pass
+        await stream.aclose()
