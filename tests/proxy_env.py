@@ -8,11 +8,11 @@ what they see is exactly what a user's client would see.
 from __future__ import annotations
 
 import socket
-from functools import partial
 import ssl
 import subprocess
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import socket
 import ssl
 
 import pytest
 import trio
-
 from proxy_env import (
     CLIENT_TIMEOUT,
     decode,
@@ -167,10 +167,8 @@ async def test_a_slow_head_gets_408_even_when_bytes_trickle(make_env) -> None:
                 except (TimeoutError, ssl.SSLError):
                     continue
             tls.settimeout(CLIENT_TIMEOUT)
-            try:
+            with contextlib.suppress(OSError, ssl.SSLError):
                 answer += tls.recv(4096)
-            except (OSError, ssl.SSLError):
-                pass
             return answer
 
     with trio.fail_after(15):

@@ -326,11 +326,10 @@ class HttpConnection:
         limit: BodyLimit,
     ) -> None:
         stale_ok = up.reused and not exchange.has_body
-        if not exchange.has_body:
-            # h11 only reaches DONE for the client's request (and so allows keep-alive)
-            # once its EndOfMessage has been taken; for a bodyless request it is ready.
-            if not isinstance(client.next_event(), h11.EndOfMessage):
-                raise BadRequest("malformed request")
+        # h11 only reaches DONE for the client's request (and so allows keep-alive)
+        # once its EndOfMessage has been taken; for a bodyless request it is ready.
+        if not exchange.has_body and not isinstance(client.next_event(), h11.EndOfMessage):
+            raise BadRequest("malformed request")
         try:
             await self._send_up(up, upstream_req)
             if not exchange.has_body:

@@ -14,8 +14,8 @@ session id context, which changes with the CA bundle (see ``tls.store``).
 from __future__ import annotations
 
 import errno
-from contextlib import suppress
 import logging
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
