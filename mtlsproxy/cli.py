@@ -40,6 +40,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BaseExceptionGroup as group:
+        # trio nurseries wrap what their tasks raise; a project error or an interrupt
+        # inside one still deserves its one-line message, not a traceback.
+        return _exit_for_group(group)
+
+
+def _exit_for_group(group: BaseExceptionGroup[BaseException]) -> int:
+    for exc in _leaves(group):
+        if isinstance(exc, MtlsProxyError):
+            print(f"mtlsproxy: error: {exc}", file=sys.stderr)
+            return exc.exit_code
+    if all(isinstance(exc, KeyboardInterrupt) for exc in _leaves(group)):
+        return 130
+    raise group
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return found
 
 
 def _duration(text: str) -> float:

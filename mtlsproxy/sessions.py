@@ -48,9 +48,18 @@ class SessionRegistry:
     def __init__(self) -> None:
         self._sessions: dict[int, Session] = {}
         self._changed = trio.Event()
+        self._closing_all: str | None = None
 
     def add(self, session: Session) -> None:
         self._sessions[session.id] = session
+        if self._closing_all is not None:  # its handshake finished during a drain
+            session.close(self._closing_all)
+
+    def close_all(self, reason: str) -> None:
+        """Ask every live session, and every one that registers from now on, to close."""
+        self._closing_all = reason
+        for session in list(self._sessions.values()):
+            session.close(reason)
 
     def remove(self, session: Session) -> None:
         if self._sessions.pop(session.id, None) is not None:

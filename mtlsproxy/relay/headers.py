@@ -124,7 +124,11 @@ def upstream_request_headers(
         name = raw_name.lower()
         if name == b"host":
             host = value
-        if _is_hop(name, nominated) or name in PROXY_OWNED:
+        # CGI-style servers (PHP-FPM, WSGI) read X_Forwarded_Client_Cert and
+        # X-Forwarded-Client-Cert as the same variable: an underscore spelling of a
+        # header we own or strip would slip a forged identity past us.
+        folded = name.replace(b"_", b"-")
+        if _is_hop(folded, nominated) or folded in PROXY_OWNED:
             continue
         out.append((raw_name, value))
     # h11 frames an outgoing *request* body only from the headers it is given (unlike a

@@ -41,9 +41,7 @@ from typing import Any
 
 import h11
 import trio
-from OpenSSL import SSL
 
-from mtlsproxy.address import Address
 from mtlsproxy.config import Listener, Route
 from mtlsproxy.identity import Identity
 from mtlsproxy.metrics import Metrics
@@ -69,13 +67,15 @@ from mtlsproxy.relay.framing import (
 from mtlsproxy.relay.headers import downstream_response_headers, upstream_request_headers
 from mtlsproxy.relay.responses import error_response
 from mtlsproxy.relay.routing import RoundRobin, RouteTable
-from mtlsproxy.server.upstream import ConnectFailed, Upstream, UpstreamPool
+from mtlsproxy.server.upstream import ConnectFailed, Target, Upstream, UpstreamPool
 from mtlsproxy.sessions import Session
 from mtlsproxy.tls.store import CredentialStore
 
 log = logging.getLogger("mtlsproxy.http")
 
 RECEIVE_SIZE = 65536
+# RFC 9110 §9.2.2: methods whose repetition has the same effect as one request.
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 MAX_RESPONSE_HEAD = 64 * 1024
 STALE_RETRIES = 2
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
@@ -88,8 +88,7 @@ class RouteRuntime:
     index: int
     label: str
     config: Route
-    backends: RoundRobin[Address]
-    tls_context: SSL.Context | None
+    backends: RoundRobin[Target]
 
 
 class _UpstreamBroken(BadGateway):
@@ -139,7 +138,10 @@ class HttpConnection:
 
     async def run(self) -> None:
         leftover, first = b"", True
-        while self.session.closing is None:
+        # A connection asked to close before its first request (its handshake finished
+        # during a drain) still gets that request answered, with Connection: close:
+        # closing it unanswered would look like a failure to the client.
+        while first or self.session.closing is None:
             try:
                 head = await self._read_head(leftover, first=first)
             except HttpError as exc:
@@ -159,13 +161,13 @@ class HttpConnection:
         reader = HeadReader(max_bytes=self.listener.max_header_size)
         if leftover and (head := reader.feed(leftover)) is not None:
             return head
-        if not leftover:
+        if not reader.buffered:  # nothing, or only the CRLFs some clients send after a body
             idle = self.listener.idle_timeout.seconds
             if first:  # a new connection that says nothing gets the shorter clock
                 idle = min(idle, self.listener.header_timeout.seconds)
             with trio.CancelScope(deadline=trio.current_time() + idle) as scope:
                 self.session.idle_scope = scope
-                if self.session.closing is not None:
+                if self.session.closing is not None and not first:
                     scope.cancel()
                 data = await self._receive_or_eof()
             self.session.idle_scope = None
@@ -206,12 +208,19 @@ class HttpConnection:
             if not isinstance(request, h11.Request):
                 raise BadRequest("malformed request")
             framing = validate_request(head.raw, request)
+            # The identity first: a denied or expired client must not learn which
+            # routes exist (404 versus 403).
+            self._check_identity()
             route = self._match(request)
             exchange = _Exchange(request, route, _has_body(framing))
             self._authorize(route)
             limit = BodyLimit(self.listener.max_body_size or None, framing)
             if head.rest:  # h11 takes b"" to mean EOF
                 client.receive_data(head.rest)
+            # h11 only reaches DONE for the client's request (and so allows keep-alive)
+            # once its EndOfMessage has been taken; for a bodyless request it is there.
+            if not exchange.has_body and not isinstance(client.next_event(), h11.EndOfMessage):
+                raise BadRequest("malformed request")
             await self._forward(client, exchange, limit)
         except HttpError as exc:
             if exchange is not None and exchange.response_started:
@@ -234,7 +243,7 @@ class HttpConnection:
             raise NoRoute("no route for this host and path")
         return route.payload
 
-    def _authorize(self, route: RouteRuntime) -> None:
+    def _check_identity(self) -> None:
         # Every request, not only the first: a keep-alive connection can outlive the
         # certificate, and the deny list can change under it.
         if datetime.now(UTC) >= self.identity.not_after:
@@ -244,6 +253,8 @@ class HttpConnection:
         if (kind := denied_by(deny, self.identity)) is not None:
             self.session.close("denied")
             raise Forbidden("client certificate is denied", log_detail=f"deny list ({kind})")
+
+    def _authorize(self, route: RouteRuntime) -> None:
         if not is_allowed(route.config.allow, self.identity):
             raise Forbidden(
                 "client certificate not allowed on this route",
@@ -307,10 +318,7 @@ class HttpConnection:
         for backend in candidates:
             try:
                 return await self.pool.acquire(
-                    backend,
-                    connect_timeout=route.config.connect_timeout.seconds,
-                    tls_context=route.tls_context,
-                    server_hostname=route.config.tls_server_name,
+                    backend, connect_timeout=route.config.connect_timeout.seconds
                 )
             except ConnectFailed as exc:
                 self.metrics.upstream_connect_errors.labels(route.label, str(backend)).inc()
@@ -325,11 +333,10 @@ class HttpConnection:
         upstream_req: h11.Request,
         limit: BodyLimit,
     ) -> None:
-        stale_ok = up.reused and not exchange.has_body
-        # h11 only reaches DONE for the client's request (and so allows keep-alive)
-        # once its EndOfMessage has been taken; for a bodyless request it is ready.
-        if not exchange.has_body and not isinstance(client.next_event(), h11.EndOfMessage):
-            raise BadRequest("malformed request")
+        # Replaying is safe only when the backend cannot have acted on the request: it
+        # closed a pooled connection before a byte of response, and the method is
+        # idempotent, and there is no body we have already consumed.
+        stale_ok = up.reused and not exchange.has_body and exchange.request.method in _IDEMPOTENT
         try:
             await self._send_up(up, upstream_req)
             if not exchange.has_body:
@@ -339,6 +346,10 @@ class HttpConnection:
                 raise _Stale from exc
             raise
 
+        if exchange.has_body and client.they_are_waiting_for_100_continue:
+            # Now, before the two tasks start: only one task may write to the client.
+            exchange.sent_100 = True
+            await self._send_client(client, h11.InformationalResponse(status_code=100, headers=[]))
         errors: list[BaseException] = []
         with trio.CancelScope() as both:
 
@@ -362,9 +373,6 @@ class HttpConnection:
     async def _pump_body(
         self, client: h11.Connection, exchange: _Exchange, up: Upstream, limit: BodyLimit
     ) -> None:
-        if client.they_are_waiting_for_100_continue:
-            exchange.sent_100 = True
-            await self._send_client(client, h11.InformationalResponse(status_code=100, headers=[]))
         try:
             while True:
                 event = await self._next_client_event(client)

@@ -25,7 +25,7 @@ from mtlsproxy.relay.errors import RouteError
 from mtlsproxy.relay.routing import RoundRobin, Route, RouteTable
 from mtlsproxy.server.http import RouteRuntime
 from mtlsproxy.server.listener import ListenerRuntime, Shared, accept_loop
-from mtlsproxy.server.upstream import UpstreamPool
+from mtlsproxy.server.upstream import Target, UpstreamPool
 from mtlsproxy.sessions import SessionRegistry
 from mtlsproxy.tls.backend import backend_context
 from mtlsproxy.tls.store import CredentialStore
@@ -104,8 +104,7 @@ class Proxy:
         timeout = self.config.drain_timeout.seconds
         live = len(self.sessions)
         log.info("draining %d connection(s), at most %g s", live, timeout)
-        for session in self.sessions:
-            session.close("shutdown")
+        self.sessions.close_all("shutdown")
         connections.cancel_scope.deadline = trio.current_time() + timeout
 
     async def watch_signals(self) -> None:
@@ -127,7 +126,8 @@ def _runtime(index: int, listener: Listener, config: Config, config_path: str) -
             where = f"listeners[{index}].routes[{j}]"
             label = route.name or f"{route.host or '*'}{route.path_prefix}"
             tls_ctx = backend_context(route, config, where) if route.tls else None
-            runtime = RouteRuntime(j, label, route, RoundRobin(route.backends), tls_ctx)
+            targets = [Target(b, tls_ctx, route.tls_server_name) for b in route.backends]
+            runtime = RouteRuntime(j, label, route, RoundRobin(targets))
             entries.append(Route(j, runtime, host=route.host, path_prefix=route.path_prefix))
         try:
             routes = RouteTable(entries)

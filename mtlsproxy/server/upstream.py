@@ -31,8 +31,22 @@ MAX_IDLE_PER_BACKEND = 64
 _DOWN_MIN, _DOWN_MAX = 1.0, 10.0
 
 
+@dataclass(frozen=True)
+class Target:
+    """Where and how to connect. The pool and the health marks are keyed by all of it:
+    a connection opened in plaintext must never serve a ``tls = true`` route to the same
+    address, and a TLS failure says nothing about the plaintext port."""
+
+    address: Address
+    tls_context: SSL.Context | None = None  # compared by identity: one per route
+    server_hostname: str | None = None
+
+    def __str__(self) -> str:
+        return str(self.address)
+
+
 class ConnectFailed(Exception):
-    def __init__(self, backend: Address, why: str) -> None:
+    def __init__(self, backend: Target, why: str) -> None:
         self.backend = backend
         self.why = why
         super().__init__(f"cannot connect to {backend}: {why}")
@@ -40,7 +54,7 @@ class ConnectFailed(Exception):
 
 @dataclass(eq=False)
 class Upstream:
-    backend: Address
+    backend: Target
     stream: trio.abc.Stream
     fileno: int
     conn: h11.Connection = field(default_factory=lambda: h11.Connection(h11.CLIENT))
@@ -48,11 +62,14 @@ class Upstream:
     idle_since: float = 0.0
 
     def looks_alive(self) -> bool:
+        # poll, not select: select() cannot take a descriptor above 1023, and a busy
+        # proxy has those.
+        poller = select.poll()
+        poller.register(self.fileno, select.POLLIN | select.POLLERR | select.POLLHUP)
         try:
-            readable, _, _ = select.select([self.fileno], [], [], 0)
-        except (OSError, ValueError):
+            return not poller.poll(0)
+        except OSError:
             return False
-        return not readable
 
 
 @dataclass
@@ -63,20 +80,13 @@ class _Health:
 
 class UpstreamPool:
     def __init__(self) -> None:
-        self._idle: defaultdict[Address, list[Upstream]] = defaultdict(list)
-        self._health: defaultdict[Address, _Health] = defaultdict(_Health)
+        self._idle: defaultdict[Target, list[Upstream]] = defaultdict(list)
+        self._health: defaultdict[Target, _Health] = defaultdict(_Health)
 
-    def is_up(self, backend: Address) -> bool:
+    def is_up(self, backend: Target) -> bool:
         return trio.current_time() >= self._health[backend].down_until
 
-    async def acquire(
-        self,
-        backend: Address,
-        *,
-        connect_timeout: float,
-        tls_context: SSL.Context | None = None,
-        server_hostname: str | None = None,
-    ) -> Upstream:
+    async def acquire(self, backend: Target, *, connect_timeout: float) -> Upstream:
         idle = self._idle[backend]
         now = trio.current_time()
         while idle:
@@ -86,7 +96,7 @@ class UpstreamPool:
                 return up
             await _close(up)
         try:
-            up = await self._connect(backend, connect_timeout, tls_context, server_hostname)
+            up = await self._connect(backend, connect_timeout)
         except ConnectFailed:
             health = self._health[backend]
             health.down_until = trio.current_time() + health.backoff
@@ -95,23 +105,21 @@ class UpstreamPool:
         self._health[backend] = _Health()
         return up
 
-    async def _connect(
-        self,
-        backend: Address,
-        timeout: float,
-        tls_context: SSL.Context | None,
-        server_hostname: str | None,
-    ) -> Upstream:
+    async def _connect(self, backend: Target, timeout: float) -> Upstream:
+        address, tls_context = backend.address, backend.tls_context
         with trio.move_on_after(timeout) as scope:
             try:
-                tcp = await trio.open_tcp_stream(backend.host, backend.port)
+                tcp = await trio.open_tcp_stream(address.host, address.port)
             except OSError as exc:
                 raise ConnectFailed(backend, exc.strerror or str(exc)) from exc
             fileno = tcp.socket.fileno()
             if tls_context is None:
                 return Upstream(backend, tcp, fileno)
             tls = TLSStream(
-                tcp, tls_context, server_side=False, server_hostname=server_hostname or backend.host
+                tcp,
+                tls_context,
+                server_side=False,
+                server_hostname=backend.server_hostname or address.host,
             )
             try:
                 await tls.do_handshake(timeout=timeout)
@@ -127,8 +135,9 @@ class UpstreamPool:
         conn = up.conn
         if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
             return False
-        if conn.trailing_data[0]:
-            return False  # bytes after the response: the backend is confused
+        data, closed = conn.trailing_data
+        if data or closed:
+            return False  # bytes after the response (a confused backend), or EOF
         idle = self._idle[up.backend]
         if len(idle) >= MAX_IDLE_PER_BACKEND:
             return False
