@@ -46,6 +46,10 @@ mode = "http"
 [[listeners.routes]]
 path_prefix = "/"
 backends = ["127.0.0.1:{BACKEND_PORT}"]
+# No `allow` rules: every client holding a valid certificate from client_ca gets in.
+# To narrow it down, add rules; a client is admitted when any one of them matches:
+# [[listeners.routes.allow]]
+# uri_prefix = "spiffe://quickstart.mtlsproxy/player/"
 """
 
 DENY = """\

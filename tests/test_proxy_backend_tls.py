@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import socket
+import ssl
 
+import pytest
+import requests
 import trio
 from proxy_env import read_request, serve_raw
 from support import IssueFn
@@ -110,3 +113,39 @@ async def test_garbage_instead_of_tls_is_a_protocol_error(make_env) -> None:
     assert env.proxy.metrics.sample("mtlsproxy_handshakes_total", labels) == 1
     # ...and one bad connection does not affect the next good one.
     assert (await env.request("GET", "/")).status_code == 200
+
+
+async def test_min_version_1_3_refuses_tls_1_2_clients(make_env) -> None:
+    env = await make_env(tls='min_version = "1.3"')
+    old = await env.curl("--tls-max", "1.2", env.url + "/")
+    assert old.returncode != 0
+    assert b"protocol version" in old.stderr or b"alert" in old.stderr
+    assert (await env.curl(env.url + "/")).returncode == 0
+
+
+async def test_tls_1_2_works_by_default(make_env) -> None:
+    env = await make_env()
+    proc = await env.curl(
+        "--tls-max", "1.2", "-w", "%{http_code}", "-o", "/dev/null", env.url + "/"
+    )
+    assert proc.stdout == b"200"
+
+
+async def test_max_connections_holds_the_next_client_until_a_slot_frees(make_env) -> None:
+    env = await make_env(listener="max_connections = 1")
+    ctx = ssl.create_default_context(cafile=str(env.ca_bundle))
+    ctx.load_cert_chain(env.client.crt, env.client.key)
+    first = await trio.to_thread.run_sync(  # holds the only slot, idle
+        lambda: ctx.wrap_socket(
+            socket.create_connection(("127.0.0.1", env.port), timeout=10),
+            server_hostname="localhost",
+        )
+    )
+    try:
+        # The second is not accepted: its TLS handshake gets no answer within 1 s.
+        with pytest.raises(requests.exceptions.Timeout):
+            await env.request("GET", "/", timeout=1)
+    finally:
+        first.close()
+    with trio.fail_after(10):  # the slot frees; the kernel backlog held the client
+        assert (await env.request("GET", "/")).status_code == 200

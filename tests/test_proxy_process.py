@@ -15,7 +15,9 @@ import requests
 import trio
 from proxy_env import decode, read_request, route, serve_raw, start_backend, write_config
 from support import MTLSPROXY, Pair
+from test_config import SAMPLE
 
+from mtlsproxy import demo_backend
 from mtlsproxy.pki import CertificateAuthority
 
 LISTENING = re.compile(rb"listening on 127\.0\.0\.1:(\d+)")
@@ -181,3 +183,28 @@ async def test_one_gib_streams_with_bounded_memory(
     # The figure measured here (see the issue notes): the peak grows by a few MiB at most.
     assert peak - base < 32 * 1024, f"proxy RSS grew from {base} KiB to {peak} KiB"
     print(f"{direction}: proxy peak RSS {peak} KiB (baseline {base} KiB)")
+
+
+async def test_the_design_sample_config_serves_unchanged(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    ca: CertificateAuthority,
+    server_pair: Pair,
+    client_pair: Pair,
+) -> None:
+    """The sample in shared/DESIGN.md, byte for byte, with its fixed ports."""
+    for src, name in ((server_pair.crt, "server.crt"), (server_pair.key, "server.key"),
+                      (ca.folder / "ca.crt", "ca.crt")):  # fmt: skip
+        (tmp_path / name).write_bytes(src.read_bytes())
+    (tmp_path / "mtlsproxy.toml").write_text(SAMPLE)
+    await nursery.start(demo_backend.serve, "127.0.0.1", 8080)
+    async with serve_process(tmp_path / "mtlsproxy.toml") as (_proc, port):
+        assert port == 8443
+        done = await trio.run_process(
+            ["curl", "-sS", "--max-time", "20", "--cacert", str(tmp_path / "ca.crt"),
+             "--cert", str(client_pair.crt), "--key", str(client_pair.key),
+             "https://localhost:8443/sample"],
+            capture_stdout=True, capture_stderr=True, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert decode(done.stdout)["path"] == "/sample"

@@ -128,6 +128,12 @@ def _runtime(index: int, listener: Listener, config: Config, config_path: str) -
             tls_ctx = backend_context(route, config, where) if route.tls else None
             targets = [Target(b, tls_ctx, route.tls_server_name) for b in route.backends]
             runtime = RouteRuntime(j, label, route, RoundRobin(targets))
+            if route.allow is None:
+                log.info(
+                    "route %s (%s): no allow rules, admits every client certificate from client_ca",
+                    label,
+                    where,
+                )
             entries.append(Route(j, runtime, host=route.host, path_prefix=route.path_prefix))
         try:
             routes = RouteTable(entries)
