@@ -18,7 +18,8 @@ import msgspec
 
 from mtlsproxy import __version__, config, pem, quickstart
 from mtlsproxy.check import check_config
-from mtlsproxy.errors import MtlsProxyError
+from mtlsproxy.denylist import add_entry, describe_entry
+from mtlsproxy.errors import MtlsProxyError, UsageError
 from mtlsproxy.pki import KEY_TYPES, CertificateAuthority, KeyType
 from mtlsproxy.pki.ca import DEFAULT_ISSUER_TTL, DEFAULT_ROOT_TTL
 from mtlsproxy.pki.describe import render, summarize
@@ -90,6 +91,18 @@ def _parser() -> argparse.ArgumentParser:
     quick.add_argument("--dir", type=Path, default=Path("mtlsproxy-quickstart"))
     quick.set_defaults(handler=_quickstart)
 
+    deny = verbs.add_parser("deny", help="the deny list").add_subparsers(
+        title="deny commands", metavar="COMMAND"
+    )
+    deny_add = deny.add_parser("add", help="deny an identity on every route, live sessions too")
+    deny_add.add_argument("--config", required=True, type=Path, metavar="FILE")
+    deny_add.add_argument(
+        "entry",
+        help="sha256:<hex>, serial:<hex>, uri:<uri>, cn:<name>, or a certificate file "
+        "(its fingerprint is added)",
+    )
+    deny_add.set_defaults(handler=_deny_add)
+
     ca = verbs.add_parser("ca", help="the private CA: init, issue, show").add_subparsers(
         title="ca commands", metavar="COMMAND"
     )
@@ -146,6 +159,34 @@ def _check(args: argparse.Namespace) -> int:
 
 def _quickstart(args: argparse.Namespace) -> int:
     return quickstart.run(args.dir)
+
+
+def _deny_add(args: argparse.Namespace) -> int:
+    cfg = config.load(args.config)
+    if cfg.tls.deny is None:
+        raise UsageError(
+            f'{args.config}: tls.deny is not set; add `deny = "deny.txt"` under [tls] '
+            "(and create the file) to use a deny list"
+        )
+    entry, comment = args.entry.strip(), ""
+    if ":" not in entry or Path(entry).is_file():
+        cert_path = Path(entry)
+        leaf = pem.load_certificates(pem.read_file(cert_path), cert_path)[0]
+        summary = summarize(leaf)
+        entry, comment = summary.fingerprint, f"{summary.subject}, serial {summary.serial}"
+    kind = entry.partition(":")[0].strip().lower()
+    entry = f"{kind}:{entry.partition(':')[2].strip()}"
+    stamp = f"added {datetime.now(UTC):%Y-%m-%d %H:%M}Z"
+    if not add_entry(cfg.tls.deny, entry, f"{comment}; {stamp}" if comment else stamp):
+        print(f"{entry} is already in {cfg.tls.deny}")
+        return 0
+    print(f"denied {entry}: {describe_entry(entry)}" + (f" ({comment})" if comment else ""))
+    print(
+        f"  written to {cfg.tls.deny}; the running proxy applies it within "
+        f"{cfg.tls.reload_interval.text} and closes matching live sessions "
+        f"(now: kill -HUP <pid>, or curl -X POST http://{cfg.admin.listen}/reload)"
+    )
+    return 0
 
 
 def _ca_init(args: argparse.Namespace) -> int:

@@ -155,10 +155,20 @@ class TLS(Struct, frozen=True):
     min_version: Literal["1.2", "1.3"] = "1.2"
     handshake_timeout: Duration = Duration("10s")
     reload_interval: Duration = Duration("2s")
+    # How often live sessions are checked for expiry, the deny list and a removed CA
+    # (and at once after every reload).
+    enforce_interval: Duration = Duration("1s")
 
 
 class Admin(Struct, frozen=True):
     listen: Address = Address("127.0.0.1", 9901)
+
+    def __post_init__(self) -> None:
+        if not self.listen.is_loopback:
+            raise ValueError(
+                f"{self.listen} is not a loopback address; the admin listener has no "
+                "authentication of its own yet, so it only listens on 127.0.0.1 or [::1]"
+            )
 
 
 class Config(Struct, frozen=True):

@@ -14,10 +14,12 @@ half-loads would let through exactly the identity someone was trying to shut out
 from __future__ import annotations
 
 import re
+import stat
 from pathlib import Path
 
 import msgspec
 
+from mtlsproxy.atomicfile import write_atomic
 from mtlsproxy.errors import CredentialError
 
 _HEX = re.compile(r"[0-9a-f]+")
@@ -68,3 +70,32 @@ def parse_deny_list(text: str, source: Path | str) -> DenyList:
                 source, f"line {lineno}: unknown kind {kind!r}; use sha256, serial, uri or cn"
             )
     return DenyList(frozenset(sha256), frozenset(serials), frozenset(uris), frozenset(cns))
+
+
+def describe_entry(entry: str) -> str:
+    """What one deny line matches, in words."""
+    kind, _, value = entry.partition(":")
+    return {
+        "sha256": "the one certificate with this fingerprint",
+        "serial": "certificates with this serial number",
+        "uri": f"every certificate naming the URI {value}",
+        "cn": f"every certificate whose subject CN is {value!r}",
+    }[kind]
+
+
+def add_entry(path: Path, entry: str, comment: str = "") -> bool:
+    """Append ``entry`` to the deny file atomically; False when it is there already.
+
+    The new file is parsed as a whole before it is written, so a bad entry never
+    reaches the file the proxy polls.
+    """
+    parse_deny_list(entry, "the new entry")  # names the entry, not the file, on error
+    text = path.read_text(encoding="utf-8")
+    current = parse_deny_list(text, path)
+    if parse_deny_list(text + "\n" + entry, path) == current:
+        return False
+    line = entry + (f"  # {comment}" if comment else "")
+    new_text = text + ("" if text.endswith("\n") or not text else "\n") + line + "\n"
+    parse_deny_list(new_text, path)
+    write_atomic(path, new_text.encode("utf-8"), mode=stat.S_IMODE(path.stat().st_mode))
+    return True

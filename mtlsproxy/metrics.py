@@ -59,6 +59,24 @@ class Metrics:
             registry=r,
         )
 
+        self.sessions_closed = Counter(
+            "mtlsproxy_sessions_closed",
+            "Live sessions closed by the proxy: expired, denied, ca_removed, shutdown",
+            ["listener", "reason"],
+            registry=r,
+        )
+        self.reloads = Counter(
+            "mtlsproxy_reloads",
+            "Credential reloads by result: swapped, unchanged, failed",
+            ["result"],
+            registry=r,
+        )
+        self.generation = Gauge(
+            "mtlsproxy_credentials_generation",
+            "Generation of the TLS material in use; +1 on every successful swap",
+            registry=r,
+        )
+
     def refused(self, listener: str, result: str) -> None:
         self.handshakes.labels(listener, result, "false").inc()
 

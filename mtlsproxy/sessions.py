@@ -1,9 +1,14 @@
-"""The registry of live client connections: who is connected, where, since when.
+"""The registry of live client connections, and the enforcer that closes them.
 
 One owner for that question. The drain on shutdown reads it to tell connections to
 finish, the enforcer (hot reload issue) reads it to close sessions whose certificate
 expired or was denied, and metrics read its size. A connection registers after its
 handshake and leaves when its task ends, whatever the reason.
+
+Enforcement: ``verdict`` is a pure function of a session, the current material and the
+time. It answers why a live session must end: its certificate expired, its identity is on
+the deny list now, or the CA it chained to has left the bundle. The enforcer loop asks it
+for every session every ``enforce_interval`` and at once after each reload.
 
 Closing is cooperative and protocol-aware: ``close(reason)`` sets ``closing`` and cancels
 the session's *idle* scope only. An HTTP connection that is between requests goes at
@@ -14,12 +19,19 @@ scope (``cancel_scope``) is for the drain deadline, when waiting is over.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import trio
 
 from mtlsproxy.identity import Identity
+from mtlsproxy.metrics import Metrics
+from mtlsproxy.policy import denied_by
+from mtlsproxy.tls.store import CredentialStore, Material
+
+log = logging.getLogger("mtlsproxy.enforce")
 
 _ids = itertools.count(1)
 
@@ -30,6 +42,7 @@ class Session:
     peer: str
     identity: Identity
     kind: str  # "http", "tcp", "websocket"
+    anchor: str | None  # fingerprint of the root the certificate chained to, if known
     started: float = field(default_factory=trio.current_time)
     id: int = field(default_factory=lambda: next(_ids))
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
@@ -75,3 +88,59 @@ class SessionRegistry:
     async def wait_empty(self) -> None:
         while self._sessions:
             await self._changed.wait()
+
+
+def verdict(session: Session, material: Material, now: datetime) -> str | None:
+    """Why ``session`` must close now (``expired``, ``denied``, ``ca_removed``), or None."""
+    if now >= session.identity.not_after:
+        return "expired"
+    if denied_by(material.credentials.deny, session.identity) is not None:
+        return "denied"
+    # An unknown anchor fails closed: if we cannot say which CA vouched for a session,
+    # it does not outlive a change of the bundle.
+    if session.anchor not in material.root_fingerprints:
+        return "ca_removed"
+    return None
+
+
+class Enforcer:
+    """Closes live sessions that ``verdict`` condemns; wakes every interval and on swaps."""
+
+    def __init__(
+        self, registry: SessionRegistry, store: CredentialStore, metrics: Metrics, interval: float
+    ) -> None:
+        self._registry = registry
+        self._store = store
+        self._metrics = metrics
+        self._interval = interval
+        self._wake = trio.Event()
+        store.subscribe(on_swap=lambda _material: self._wake.set())
+
+    async def run(self) -> None:
+        while True:
+            with trio.move_on_after(self._interval):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            self.sweep()
+
+    def sweep(self, now: datetime | None = None) -> int:
+        material = self._store.current()
+        now = now or datetime.now(UTC)
+        closed = 0
+        for session in self._registry:
+            if session.closing is not None:
+                continue
+            reason = verdict(session, material, now)
+            if reason is None:
+                continue
+            log.warning(
+                "closing session of %s from %s on %s: %s",
+                session.identity.spiffe_id or session.identity.cn or session.identity.fingerprint,
+                session.peer,
+                session.listener,
+                reason,
+            )
+            self._metrics.sessions_closed.labels(session.listener, reason).inc()
+            session.close(reason)
+            closed += 1
+        return closed

@@ -25,6 +25,7 @@ from mtlsproxy.config import Listener
 from mtlsproxy.denylist import DenyList
 from mtlsproxy.identity import Identity, IdentityError
 from mtlsproxy.metrics import Metrics
+from mtlsproxy.pki.describe import fingerprint
 from mtlsproxy.policy import denied_by
 from mtlsproxy.relay.routing import RouteTable
 from mtlsproxy.server.http import HttpConnection, RouteRuntime
@@ -133,7 +134,9 @@ async def _handshake_and_serve(
             if runtime.config.mode != "http":
                 return
             # HTTP clients get told why: the relay answers their first request 403.
-        session = Session(label, peer, identity, runtime.config.mode)
+        session = Session(
+            label, peer, identity, runtime.config.mode, _anchor(tls, identity, shared)
+        )
         shared.sessions.add(session)
         try:
             with session.cancel_scope:
@@ -153,6 +156,16 @@ async def _handshake_and_serve(
             shared.sessions.remove(session)
     finally:
         await lingering_close(tls)
+
+
+def _anchor(tls: TLSStream, identity: Identity, shared: Shared) -> str | None:
+    """The root this certificate chained to; for a resumed session, as remembered."""
+    chain = tls.verified_chain
+    if chain:
+        anchor = fingerprint(chain[-1])
+        shared.store.remember_anchor(identity.sha256, anchor)
+        return anchor
+    return shared.store.anchor_of(identity.sha256)
 
 
 def _connection_check(identity: Identity, deny: DenyList) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 import trio
 
 from mtlsproxy.address import Address
+from mtlsproxy.admin import Admin
 from mtlsproxy.config import Config, Listener
 from mtlsproxy.errors import ConfigError, MtlsProxyError
 from mtlsproxy.metrics import Metrics
@@ -26,9 +27,9 @@ from mtlsproxy.relay.routing import RoundRobin, Route, RouteTable
 from mtlsproxy.server.http import RouteRuntime
 from mtlsproxy.server.listener import ListenerRuntime, Shared, accept_loop
 from mtlsproxy.server.upstream import Target, UpstreamPool
-from mtlsproxy.sessions import SessionRegistry
+from mtlsproxy.sessions import Enforcer, SessionRegistry
 from mtlsproxy.tls.backend import backend_context
-from mtlsproxy.tls.store import CredentialStore
+from mtlsproxy.tls.store import CredentialStore, ReloadResult
 
 log = logging.getLogger("mtlsproxy")
 
@@ -59,6 +60,27 @@ class Proxy:
         self._shutdown = trio.Event()
         self._stopped = trio.Event()
         self.draining = False
+        self.serving = False
+        self.enforcer = Enforcer(
+            self.sessions, self.store, self.metrics, config.tls.enforce_interval.seconds
+        )
+        self.admin = Admin(self.store, self.metrics, self._not_ready)
+        self.metrics.generation.set(self.store.current().generation)
+        self.store.subscribe(on_result=self._count_reload)
+
+    def _count_reload(self, result: ReloadResult) -> None:
+        self.metrics.reloads.labels(result.result).inc()
+        self.metrics.generation.set(result.generation)
+
+    def _not_ready(self) -> str | None:
+        if self.draining:
+            return "draining"
+        if not self.serving:
+            return "starting"
+        return None
+
+    def reload(self, source: str) -> ReloadResult:
+        return self.store.reload(source)
 
     def shutdown(self) -> None:
         self._shutdown.set()
@@ -84,8 +106,13 @@ class Proxy:
                 log.info("listening on %s (%s)", b.address, b.listener)
             async with trio.open_nursery() as connections:
                 async with trio.open_nursery() as accepting:
+                    admin = await accepting.start(self._serve_admin)
+                    addresses.append(Bound("admin", admin))
                     for runtime, sock in bound:
                         accepting.start_soon(accept_loop, runtime, sock, self.shared, connections)
+                    accepting.start_soon(self._poll)
+                    accepting.start_soon(self.enforcer.run)
+                    self.serving = True
                     task_status.started(addresses)
                     await self._shutdown.wait()
                     accepting.cancel_scope.cancel()
@@ -99,6 +126,24 @@ class Proxy:
                 await self.shared.pool.aclose()
             self._stopped.set()
 
+    async def _serve_admin(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        address = self.config.admin.listen
+        try:
+            listeners = await trio.open_tcp_listeners(address.port, host=address.host)
+        except OSError as exc:
+            raise MtlsProxyError(f"cannot listen on {address} (admin): {exc.strerror}") from exc
+        bound = _local(listeners[0])
+        log.info("admin listening on http://%s", bound)
+        task_status.started(bound)
+        await trio.serve_listeners(self.admin.handle, listeners)
+
+    async def _poll(self) -> None:
+        """Reload when the files' content changes: works with os.replace, symlink swaps
+        (Kubernetes ``..data``) and in-place rewrites alike."""
+        while True:
+            await trio.sleep(self.config.tls.reload_interval.seconds)
+            self.store.reload("poll")
+
     async def _drain(self, connections: trio.Nursery) -> None:
         self.draining = True
         timeout = self.config.drain_timeout.seconds
@@ -108,9 +153,12 @@ class Proxy:
         connections.cancel_scope.deadline = trio.current_time() + timeout
 
     async def watch_signals(self) -> None:
-        """SIGTERM/SIGINT: drain and exit; a second one: stop now."""
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        """SIGHUP: reload now. SIGTERM/SIGINT: drain and exit; a second one: stop now."""
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    self.store.reload("signal")
+                    continue
                 if self._shutdown.is_set():
                     log.warning("second %s: stopping now", signal.Signals(signum).name)
                     raise KeyboardInterrupt

@@ -45,10 +45,7 @@ def load_credentials(
 ) -> Credentials:
     now = now or datetime.now(UTC)
     files = {p: pem.read_file(p) for p in (cert, key, client_ca, deny) if p is not None}
-    digest = hashlib.sha256()
-    for p in (cert, key, client_ca, deny):
-        digest.update(files[p] if p is not None else b"")
-        digest.update(b"\0")
+    digest = _digest([files[p] if p is not None else b"" for p in (cert, key, client_ca, deny)])
 
     chain = pem.load_certificates(files[cert], cert)
     private_key = pem.load_private_key(files[key], key)
@@ -58,7 +55,22 @@ def load_credentials(
     cas = pem.load_certificates(files[client_ca], client_ca)
     _check_bundle(cas, client_ca, now)
     deny_list = DenyList() if deny is None else _parse_deny(files[deny], deny)
-    return Credentials(tuple(chain), private_key, tuple(cas), deny_list, digest.hexdigest())
+    return Credentials(tuple(chain), private_key, tuple(cas), deny_list, digest)
+
+
+def content_digest(cert: Path, key: Path, client_ca: Path, deny: Path | None) -> str:
+    """The digest ``load_credentials`` would record, from the files' bytes alone (cheap)."""
+    return _digest(
+        [pem.read_file(p) if p is not None else b"" for p in (cert, key, client_ca, deny)]
+    )
+
+
+def _digest(blobs: list[bytes]) -> str:
+    digest = hashlib.sha256()
+    for blob in blobs:
+        digest.update(blob)
+        digest.update(b"\0")
+    return digest.hexdigest()
 
 
 def _check_server_chain(chain: list[x509.Certificate], source: Path, now: datetime) -> None:

@@ -1,0 +1,133 @@
+"""The admin listener: health, readiness, metrics, certificates, and reload on demand.
+
+Plain HTTP on a loopback address (anyone who can reach it can trigger a reload and read
+the certificate summary, so it is refused on any other address until the admin listener
+speaks mTLS itself). One request per connection, a small head limit and a deadline on
+every read and write: it is an operator's tool, not a second proxy.
+
+    GET  /healthz   200 "ok" while the process serves
+    GET  /readyz    200 when listeners are bound, credentials are loaded and the server
+                    certificate is valid, and the proxy is not draining; 503 and the reason
+    GET  /metrics   Prometheus text
+    GET  /certs     JSON: server certificate, client CAs, deny list size, generation,
+                    last reload
+    POST /reload    prove and swap now; 200 with the result, 422 when refused
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import h11
+import msgspec
+import trio
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from mtlsproxy.metrics import Metrics
+from mtlsproxy.pki.describe import summarize
+from mtlsproxy.tls.store import CredentialStore
+
+log = logging.getLogger("mtlsproxy.admin")
+
+_MAX_HEAD = 8192
+_DEADLINE = 10.0
+
+
+class Admin:
+    def __init__(
+        self, store: CredentialStore, metrics: Metrics, not_ready: Callable[[], str | None]
+    ) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.not_ready = not_ready  # None when ready, else the reason
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEAD)
+        try:
+            with trio.fail_after(_DEADLINE):
+                request = await _read_request(conn, stream)
+                if request is None:
+                    return
+                status, content_type, body = self.respond(request.method, request.target)
+                headers = [
+                    ("content-type", content_type),
+                    ("content-length", str(len(body))),
+                    ("connection", "close"),
+                    ("cache-control", "no-store"),
+                ]
+                await stream.send_all(
+                    conn.send(h11.Response(status_code=status, headers=headers)) or b""
+                )
+                await stream.send_all(conn.send(h11.Data(data=body)) or b"")
+                await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
+        except (
+            trio.TooSlowError,
+            h11.ProtocolError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+        ) as exc:
+            log.debug("admin: connection ended: %r", exc)
+        finally:
+            await stream.aclose()
+
+    def respond(self, method: bytes, target: bytes) -> tuple[int, str, bytes]:
+        path = target.split(b"?", 1)[0]
+        text = "text/plain; charset=utf-8"
+        routes: dict[bytes, tuple[bytes, Callable[[], tuple[int, str, bytes]]]] = {
+            b"/healthz": (b"GET", lambda: (200, text, b"ok\n")),
+            b"/readyz": (b"GET", self._readyz),
+            b"/metrics": (
+                b"GET",
+                lambda: (200, CONTENT_TYPE_LATEST, generate_latest(self.metrics.registry)),
+            ),
+            b"/certs": (b"GET", self._certs),
+            b"/reload": (b"POST", self._reload),
+        }
+        if path not in routes:
+            return 404, text, b"not found\n"
+        wanted, handler = routes[path]
+        if method != wanted:
+            return 405, text, f"use {wanted.decode()}\n".encode()
+        return handler()
+
+    def _readyz(self) -> tuple[int, str, bytes]:
+        reason = self.not_ready()
+        leaf = self.store.current().credentials.leaf
+        if reason is None and datetime.now(UTC) >= leaf.not_valid_after_utc:
+            reason = "the server certificate has expired"
+        if reason is not None:
+            return 503, "text/plain; charset=utf-8", f"not ready: {reason}\n".encode()
+        return 200, "text/plain; charset=utf-8", b"ready\n"
+
+    def _certs(self) -> tuple[int, str, bytes]:
+        material = self.store.current()
+        creds = material.credentials
+        body = {
+            "generation": material.generation,
+            "loaded_at": material.loaded_at,
+            "server": summarize(creds.leaf),
+            "chain": [summarize(c) for c in creds.cert_chain[1:]],
+            "client_cas": [summarize(c) for c in creds.client_cas],
+            "deny_entries": len(creds.deny),
+            "last_reload": self.store.last_result,
+        }
+        return 200, "application/json", msgspec.json.encode(body)
+
+    def _reload(self) -> tuple[int, str, bytes]:
+        result = self.store.reload("admin")
+        status = 422 if result.result == "failed" else 200
+        return status, "application/json", msgspec.json.encode(result)
+
+
+async def _read_request(conn: h11.Connection, stream: trio.SocketStream) -> h11.Request | None:
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            data = await stream.receive_some(_MAX_HEAD)
+            conn.receive_data(data)  # b"" is EOF: h11 then reports ConnectionClosed
+            continue
+        if isinstance(event, h11.Request):
+            return event
+        return None
