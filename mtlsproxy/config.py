@@ -12,6 +12,7 @@ keep the two in step: the key names are public surface.
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -208,7 +209,10 @@ def load(path: Path | str) -> Config:
 
 def parse(raw: dict[str, Any], path: Path) -> Config:
     """Convert decoded TOML into a Config; ``path`` names the file and anchors relative paths."""
-    base = path.resolve().parent
+    # Absolute, but never resolved: following symlinks would pin us to the version
+    # directory a Kubernetes Secret or ConfigMap mount points at *now* (``..data`` ->
+    # ``..2026_11_28_...``), and the next rotation would go unseen.
+    base = Path(os.path.abspath(path)).parent  # noqa: PTH100 - resolve() follows links
     try:
         return msgspec.convert(raw, Config, dec_hook=_decoder(base))
     except msgspec.ValidationError as exc:
@@ -221,7 +225,7 @@ def _decoder(base: Path) -> Any:
         if tp is Path:
             if not isinstance(value, str) or not value:
                 raise TypeError("expected a file path (a non-empty string)")
-            resolved = (base / value).resolve()
+            resolved = Path(os.path.abspath(base / value))  # noqa: PTH100 - see parse()
             if not resolved.is_file():
                 raise ValueError(f"no such file: {resolved}")
             return resolved
