@@ -150,8 +150,11 @@ From Python:
   import requests
   requests.get("{url}", verify="{ca}", cert=("{crt}", "{key}")).json()
 
-Shut a client out: add its fingerprint (mtlsproxy ca show {crt}) to {rel(files.folder / "deny.txt")}
-and restart. Ctrl-C stops the proxy and the backend.
+Shut a client out, live connections included (applied within 2 s):
+  mtlsproxy deny add --config {rel(files.config)} {crt}
+
+Admin: curl http://127.0.0.1:{ADMIN_PORT}/certs   (also /metrics, /readyz; POST /reload)
+Ctrl-C stops the proxy and the backend.
 """
 
 

@@ -73,6 +73,8 @@ def make_env(
         listener: str = "",
         tls: str = "",
         top: str = "",
+        server: Pair | None = None,
+        bundle: Path | None = None,
     ) -> Env:
         ports = [await start_backend(nursery) for _ in range(backends)]
         text = (
@@ -80,17 +82,17 @@ def make_env(
             if routes is None
             else routes.format(**{f"b{i}": p for i, p in enumerate(ports)})
         )
-        bundle = ca.folder / "ca.crt"
+        bundle = bundle or ca.folder / "ca.crt"
         path = write_config(
             tmp_path,
             ca_bundle=bundle,
-            server=server_pair,
+            server=server or server_pair,
             routes=text,
             listener=listener,
             tls=tls,
             top=top,
         )
-        proxy, port = await start_proxy(nursery, path)
-        return Env(proxy, port, bundle, client_pair, tmp_path, ports)
+        proxy, port, admin_port = await start_proxy(nursery, path)
+        return Env(proxy, port, bundle, client_pair, tmp_path, ports, admin_port)
 
     return make

@@ -36,6 +36,14 @@ class Env:
     client: Pair
     folder: Path
     backend_ports: list[int] = field(default_factory=list)
+    admin_port: int = 0
+
+    async def admin(self, method: str, path: str) -> tuple[int, bytes]:
+        def call() -> requests.Response:
+            return requests.request(method, f"http://127.0.0.1:{self.admin_port}{path}", timeout=10)
+
+        response = await trio.to_thread.run_sync(call)
+        return response.status_code, response.content
 
     @property
     def url(self) -> str:
@@ -156,10 +164,12 @@ async def start_backend(nursery: trio.Nursery) -> int:
     return port
 
 
-async def start_proxy(nursery: trio.Nursery, config_path: Path) -> tuple[Proxy, int]:
+async def start_proxy(nursery: trio.Nursery, config_path: Path) -> tuple[Proxy, int, int]:
+    """Returns the proxy, its first listener's port and its admin port."""
     proxy = Proxy(config.load(config_path), str(config_path))
     bound = await nursery.start(proxy.run)
-    return proxy, bound[0].address.port
+    admin = next(b for b in bound if b.listener == "admin")
+    return proxy, bound[0].address.port, admin.address.port
 
 
 async def serve_raw(
@@ -194,13 +204,19 @@ class Answer:
     informational: list[int]
 
 
-def parse_responses(raw: bytes, methods: list[str] | None = None) -> list[Answer]:
-    """Split what the proxy answered into responses, with h11 as the client-side parser."""
+def parse_responses(
+    raw: bytes, methods: list[str] | None = None, *, eof: bool = True
+) -> list[Answer]:
+    """Split what the proxy answered into responses, with h11 as the client-side parser.
+
+    ``eof=False`` parses a prefix: an incomplete last response is left out.
+    """
     answers: list[Answer] = []
     methods = list(methods or ["GET"] * 16)
     conn = h11.Connection(h11.CLIENT)
     conn.receive_data(raw)
-    conn.receive_data(b"")
+    if eof:
+        conn.receive_data(b"")
     for method in methods:
         conn.send(h11.Request(method=method, target="/", headers=[("host", "x")]))
         conn.send(h11.EndOfMessage())

@@ -9,13 +9,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from proxy_env import route, write_config
+from support import IssueFn, Pair
 
 from mtlsproxy import config, pem
 from mtlsproxy.atomicfile import write_atomic
 from mtlsproxy.pki import CertificateAuthority
 from mtlsproxy.tls.store import CredentialStore
-from proxy_env import route, write_config
-from support import IssueFn, Pair
 
 
 @pytest.fixture

@@ -58,14 +58,20 @@ class IssuedCertificate:
     key: pem.PrivateKey
     chain: tuple[x509.Certificate, ...]  # the intermediates that follow the leaf
 
+    def chain_pem(self) -> bytes:
+        """The leaf, then its intermediates: what a TLS peer sends."""
+        return b"".join(pem.certificate_pem(c) for c in (self.certificate, *self.chain))
+
+    def key_pem(self) -> bytes:
+        return pem.private_key_pem(self.key)
+
     def write(self, prefix: Path) -> tuple[Path, Path]:
         """Write ``PREFIX.key`` then ``PREFIX.crt``, each atomically."""
         cert_path = prefix.with_name(prefix.name + ".crt")
         key_path = prefix.with_name(prefix.name + ".key")
         prefix.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(key_path, pem.private_key_pem(self.key), mode=0o600)
-        chain_pem = b"".join(pem.certificate_pem(c) for c in (self.certificate, *self.chain))
-        write_atomic(cert_path, chain_pem, mode=0o644)
+        write_atomic(key_path, self.key_pem(), mode=0o600)
+        write_atomic(cert_path, self.chain_pem(), mode=0o644)
         return cert_path, key_path
 
 
