@@ -6,7 +6,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test check lint typecheck pytest system-tools clean
+BENCH_STAMP := $(VENV)/.bench-stamp
+
+.PHONY: run test check lint typecheck pytest system-tools bench clean
 
 run: $(STAMP)
 	$(BIN)/mtlsproxy quickstart
@@ -27,6 +29,17 @@ pytest: $(STAMP) system-tools
 
 system-tools:
 	@scripts/ensure-system-tools curl openssl
+
+# mtlsproxy and nginx side by side (benchmarks/README.md). BENCH_ARGS="--rounds 5 --workers2"
+bench: $(BENCH_STAMP)
+	@scripts/ensure-system-tools curl openssl nginx:nginx cc:gcc taskset:util-linux \
+		/usr/include/openssl/ssl.h:libssl-dev
+	$(MAKE) -C benchmarks/loadgen
+	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	@touch $@
 
 # Re-install when pyproject.toml changes; the stamp keeps `make test` fast otherwise.
 $(STAMP): pyproject.toml

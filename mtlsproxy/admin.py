@@ -27,7 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mtlsproxy.metrics import Metrics
 from mtlsproxy.pki.describe import summarize
-from mtlsproxy.tls.store import CredentialStore
+from mtlsproxy.tls.store import CredentialStore, ReloadResult
 
 log = logging.getLogger("mtlsproxy.admin")
 
@@ -37,9 +37,14 @@ _DEADLINE = 10.0
 
 class Admin:
     def __init__(
-        self, store: CredentialStore, metrics: Metrics, not_ready: Callable[[], str | None]
+        self,
+        store: CredentialStore,
+        metrics: Metrics,
+        not_ready: Callable[[], str | None],
+        reload: Callable[[str], ReloadResult] | None = None,
     ) -> None:
         self.store = store
+        self._reload_with = reload or store.reload
         self.metrics = metrics
         self.not_ready = not_ready  # None when ready, else the reason
 
@@ -116,7 +121,7 @@ class Admin:
         return 200, "application/json", msgspec.json.encode(body)
 
     def _reload(self) -> tuple[int, str, bytes]:
-        result = self.store.reload("admin")
+        result = self._reload_with("admin")
         status = 422 if result.result == "failed" else 200
         return status, "application/json", msgspec.json.encode(result)
 

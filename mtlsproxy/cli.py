@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -24,6 +25,7 @@ from mtlsproxy.pki import KEY_TYPES, CertificateAuthority, KeyType
 from mtlsproxy.pki.ca import DEFAULT_ISSUER_TTL, DEFAULT_ROOT_TTL
 from mtlsproxy.pki.describe import render, summarize
 from mtlsproxy.server.run import serve
+from mtlsproxy.server.workers import ENV_WORKER
 from mtlsproxy.units import format_duration, parse_duration
 
 
@@ -141,13 +143,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def _serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
-    return serve(config.load(args.config), str(args.config))
+    return serve(config.load(args.config), str(args.config), args.log_level)
 
 
 def configure_logging(level: str) -> None:
+    worker = os.environ.get(ENV_WORKER)
+    where = f"[worker {worker} pid %(process)d] " if worker is not None else ""
     logging.basicConfig(
         level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s {where}%(name)s: %(message)s",
         stream=sys.stderr,
     )
 

@@ -178,8 +178,12 @@ class Config(Struct, frozen=True):
     admin: Admin = Admin()
     # On SIGTERM/SIGINT: how long in-flight requests may take to finish before exit.
     drain_timeout: Duration = Duration("30s")
+    # Processes sharing each listening port (SO_REUSEPORT); "auto": one per core.
+    workers: Annotated[int, Meta(ge=1, le=256)] | Literal["auto"] = 1
 
     def __post_init__(self) -> None:
+        if self.workers != 1 and any(lst.listen.port == 0 for lst in self.listeners):
+            raise ValueError("workers share a listening port: give every listener a fixed port")
         seen = {self.admin.listen: "admin.listen"}
         for i, listener in enumerate(self.listeners):
             if listener.listen.port == 0:

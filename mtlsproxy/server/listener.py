@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import errno
 import logging
+import socket
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import trio
 
+from mtlsproxy.address import Address
 from mtlsproxy.config import Listener
 from mtlsproxy.denylist import DenyList
 from mtlsproxy.identity import Identity, IdentityError
@@ -207,3 +209,28 @@ async def lingering_close(stream: trio.abc.HalfCloseableStream) -> None:
             while await stream.receive_some(65536):
                 pass
         await stream.aclose()
+
+
+async def bind(address: Address, *, reuse_port: bool = False) -> list[trio.SocketListener]:
+    """Listening sockets for ``address``, as trio.open_tcp_listeners makes them, plus
+    SO_REUSEPORT for workers that share the port."""
+    if not reuse_port:
+        return await trio.open_tcp_listeners(address.port, host=address.host)
+    infos = await trio.socket.getaddrinfo(
+        address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    listeners = []
+    for family, kind, proto, _, sockaddr in infos:
+        sock = trio.socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            await sock.bind(sockaddr)
+            sock.listen(socket.SOMAXCONN)
+        except OSError:
+            sock.close()
+            raise
+        listeners.append(trio.SocketListener(sock))
+    return listeners

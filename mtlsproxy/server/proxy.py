@@ -25,8 +25,9 @@ from mtlsproxy.metrics import Metrics
 from mtlsproxy.relay.errors import RouteError
 from mtlsproxy.relay.routing import RoundRobin, Route, RouteTable
 from mtlsproxy.server.http import RouteRuntime
-from mtlsproxy.server.listener import ListenerRuntime, Shared, accept_loop
+from mtlsproxy.server.listener import ListenerRuntime, Shared, accept_loop, bind
 from mtlsproxy.server.upstream import Target, UpstreamPool
+from mtlsproxy.server.workers import ask_supervisor_to_reload
 from mtlsproxy.sessions import Enforcer, SessionRegistry
 from mtlsproxy.tls.backend import backend_context
 from mtlsproxy.tls.store import CredentialStore, ReloadResult
@@ -41,8 +42,13 @@ class Bound:
 
 
 class Proxy:
-    def __init__(self, config: Config, config_path: str = "config") -> None:
+    def __init__(
+        self, config: Config, config_path: str = "config", worker: int | None = None
+    ) -> None:
         self.config = config
+        # A worker of a supervisor shares its ports (SO_REUSEPORT); only worker 0 (or a
+        # lone proxy) serves the admin listener.
+        self.worker = worker
         self.metrics = Metrics()
         self.sessions = SessionRegistry()
         self.store = CredentialStore(config.tls)
@@ -64,7 +70,7 @@ class Proxy:
         self.enforcer = Enforcer(
             self.sessions, self.store, self.metrics, config.tls.enforce_interval.seconds
         )
-        self.admin = Admin(self.store, self.metrics, self._not_ready)
+        self.admin = Admin(self.store, self.metrics, self._not_ready, reload=self.reload)
         self.metrics.generation.set(self.store.current().generation)
         self.store.subscribe(on_result=self._count_reload)
 
@@ -80,7 +86,10 @@ class Proxy:
         return None
 
     def reload(self, source: str) -> ReloadResult:
-        return self.store.reload(source)
+        result = self.store.reload(source)
+        if source == "admin" and self.worker is not None:
+            ask_supervisor_to_reload()  # and every other worker with it
+        return result
 
     def shutdown(self) -> None:
         self._shutdown.set()
@@ -95,7 +104,7 @@ class Proxy:
             for runtime in self.listeners:
                 address = runtime.config.listen
                 try:
-                    sockets = await trio.open_tcp_listeners(address.port, host=address.host)
+                    sockets = await bind(address, reuse_port=self.worker is not None)
                 except OSError as exc:
                     raise MtlsProxyError(
                         f"cannot listen on {address} ({runtime.label}): {exc.strerror}"
@@ -106,8 +115,9 @@ class Proxy:
                 log.info("listening on %s (%s)", b.address, b.listener)
             async with trio.open_nursery() as connections:
                 async with trio.open_nursery() as accepting:
-                    admin = await accepting.start(self._serve_admin)
-                    addresses.append(Bound("admin", admin))
+                    if not self.worker:
+                        admin = await accepting.start(self._serve_admin)
+                        addresses.append(Bound("admin", admin))
                     for runtime, sock in bound:
                         accepting.start_soon(accept_loop, runtime, sock, self.shared, connections)
                     accepting.start_soon(self._poll)

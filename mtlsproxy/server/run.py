@@ -1,19 +1,26 @@
-"""``mtlsproxy serve``: run a Proxy under trio until a signal drains it."""
+"""``mtlsproxy serve``: one proxy process, or a supervisor of ``workers`` of them."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import trio
 
 from mtlsproxy.config import Config
+from mtlsproxy.server import workers
 from mtlsproxy.server.proxy import Proxy
 
 log = logging.getLogger("mtlsproxy")
 
 
-def serve(config: Config, config_path: str) -> int:
-    proxy = Proxy(config, config_path)  # proves every file before anything is bound
+def serve(config: Config, config_path: str, log_level: str = "info") -> int:
+    count = workers.resolve(config.workers)
+    index = workers.worker_index()
+    if count > 1 and index is None:
+        Proxy(config, config_path)  # prove every file here, before any worker starts
+        return workers.supervise(count, Path(config_path), log_level)
+    proxy = Proxy(config, config_path, worker=index)
     trio.run(_main, proxy)
     log.info("stopped")
     return 0

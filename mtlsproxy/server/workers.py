@@ -1,0 +1,117 @@
+"""``workers = N``: N proxy processes sharing each listening port, and their supervisor.
+
+Each worker is an ordinary ``mtlsproxy serve`` process with its own trio loop; its
+listening sockets carry SO_REUSEPORT, so the kernel spreads new connections across the
+workers. Every worker polls the credential files and enforces on its own sessions, so
+reload and enforcement need no coordination: the files are the shared truth. Worker 0
+also serves the admin listener; a ``POST /reload`` there reloads worker 0 and asks the
+supervisor (SIGHUP) to make every worker reload at once.
+
+The supervisor holds no TLS material and no sockets. It forwards SIGHUP, SIGTERM and
+SIGINT to every worker, restarts a worker that died (with a back-off, so a worker that
+crashes at start does not spin), and exits when every worker has exited after a
+SIGTERM/SIGINT, with the worst exit status.
+
+Known limit: ``/metrics`` shows worker 0's numbers only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+log = logging.getLogger("mtlsproxy.workers")
+
+ENV_WORKER = "MTLSPROXY_WORKER"  # set in a worker's environment to its index
+_BACKOFF_MIN, _BACKOFF_MAX = 1.0, 30.0
+_HEALTHY_AFTER = 60.0  # a worker that lived this long resets the back-off
+
+
+def resolve(workers: int | str) -> int:
+    return os.cpu_count() or 1 if workers == "auto" else int(workers)
+
+
+def worker_index() -> int | None:
+    value = os.environ.get(ENV_WORKER)
+    return int(value) if value is not None else None
+
+
+@dataclass
+class _Worker:
+    index: int
+    proc: subprocess.Popen[bytes]
+    started: float
+    backoff: float = _BACKOFF_MIN
+    restart_at: float | None = None
+
+
+def supervise(count: int, config_path: Path, log_level: str) -> int:
+    stopping = False
+    reload_requested = False
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping, reload_requested
+        if signum == signal.SIGHUP:
+            reload_requested = True
+        else:
+            stopping = True
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, on_signal)
+
+    def spawn(index: int) -> subprocess.Popen[bytes]:
+        env = dict(os.environ, **{ENV_WORKER: str(index)})
+        command = [sys.executable, "-m", "mtlsproxy", "serve", "--config", str(config_path),
+                   "--log-level", log_level]  # fmt: skip
+        return subprocess.Popen(command, env=env)  # noqa: S603 - our own interpreter and args
+
+    workers = [_Worker(i, spawn(i), time.monotonic()) for i in range(count)]
+    log.info("supervising %d workers: %s", count, ", ".join(str(w.proc.pid) for w in workers))
+    forwarded_stop = False
+    worst = 0
+    while True:
+        if stopping and not forwarded_stop:
+            forwarded_stop = True
+            _signal_all(workers, signal.SIGTERM)
+        if reload_requested:
+            reload_requested = False
+            _signal_all(workers, signal.SIGHUP)
+        now = time.monotonic()
+        for worker in workers:
+            code = worker.proc.poll()
+            if code is not None and worker.restart_at is None and not stopping:
+                lived = now - worker.started
+                worker.backoff = _BACKOFF_MIN if lived > _HEALTHY_AFTER else worker.backoff
+                log.error(
+                    "worker %d (pid %d) exited with %s after %.0f s; restarting in %.0f s",
+                    worker.index, worker.proc.pid, code, lived, worker.backoff,
+                )  # fmt: skip
+                worker.restart_at = now + worker.backoff
+                worker.backoff = min(worker.backoff * 2, _BACKOFF_MAX)
+            if worker.restart_at is not None and now >= worker.restart_at and not stopping:
+                worker.proc = spawn(worker.index)
+                worker.started, worker.restart_at = now, None
+            if code is not None:
+                worst = max(worst, code if code > 0 else 0)
+        if stopping and all(w.proc.poll() is not None for w in workers):
+            return worst
+        time.sleep(0.1)
+
+
+def _signal_all(workers: list[_Worker], signum: int) -> None:
+    for worker in workers:
+        if worker.proc.poll() is None:
+            worker.proc.send_signal(signum)
+
+
+def ask_supervisor_to_reload() -> None:
+    """From worker 0's admin reload: make every worker reload now."""
+    if worker_index() is not None:
+        os.kill(os.getppid(), signal.SIGHUP)

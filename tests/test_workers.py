@@ -1,0 +1,109 @@
+"""workers = 2: two processes share the port; the supervisor restarts, forwards, drains."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+import trio
+from proxy_env import route, start_backend, write_config
+from support import MTLSPROXY, IssueFn, Pair
+from test_proxy_identity import leaf_sha256
+
+from mtlsproxy.pki import CertificateAuthority
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+async def test_two_workers(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    ca: CertificateAuthority,
+    server_pair: Pair,
+    issue: IssueFn,
+) -> None:
+    backend = await start_backend(nursery)
+    port, admin = free_port(), free_port()
+    shutil.copy(ca.folder / "ca.crt", tmp_path / "ca.crt")
+    (tmp_path / "deny.txt").write_text("")
+    config = write_config(
+        tmp_path, ca_bundle=tmp_path / "ca.crt", server=server_pair, routes=route([backend]),
+        tls=f'deny = "{tmp_path / "deny.txt"}"\nreload_interval = "1h"', top="workers = 2",
+    )  # fmt: skip
+    text = config.read_text().replace('"127.0.0.1:0"\nmode', f'"127.0.0.1:{port}"\nmode')
+    config.write_text(text.replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{admin}"'))
+    client = issue("client", "worker-test")
+    curl = ["curl", "-sS", "--max-time", "10", "-o", "/dev/null", "-w", "%{http_code}",
+            "--cacert", str(tmp_path / "ca.crt"), "--cert", str(client.crt), "--key", str(client.key),
+            f"https://localhost:{port}/"]  # fmt: skip
+
+    async def statuses(n: int) -> list[bytes]:
+        return [
+            (await trio.run_process(curl, capture_stdout=True, check=False)).stdout
+            for _ in range(n)
+        ]
+
+    with subprocess.Popen([*MTLSPROXY, "serve", "--config", str(config)],
+                          stderr=subprocess.DEVNULL) as supervisor:  # fmt: skip
+        try:
+            with trio.fail_after(30):
+                while len(children(supervisor.pid)) < 2 or await statuses(1) != [b"200"]:
+                    await trio.sleep(0.2)
+            assert await statuses(6) == [b"200"] * 6
+            first = children(supervisor.pid)
+            os.kill(first[0], signal.SIGKILL)
+            with trio.fail_after(20):  # restarted after a 1 s back-off
+                while len(set(children(supervisor.pid)) - {first[0]}) < 2:
+                    await trio.sleep(0.2)
+            assert await statuses(4) == [b"200"] * 4
+
+            (tmp_path / "deny.txt").write_text(f"sha256:{leaf_sha256(client)}\n")
+            supervisor.send_signal(signal.SIGHUP)  # forwarded: every worker reloads now
+            with trio.fail_after(10):
+                while await statuses(1) != [b"403"]:
+                    await trio.sleep(0.2)
+            assert await statuses(8) == [b"403"] * 8  # whichever worker takes it
+
+            supervisor.send_signal(signal.SIGTERM)
+            assert await trio.to_thread.run_sync(lambda: supervisor.wait(timeout=20)) == 0
+        finally:
+            if supervisor.poll() is None:
+                supervisor.kill()
+
+
+def test_workers_need_fixed_ports(
+    tmp_path: Path, ca: CertificateAuthority, server_pair: Pair
+) -> None:
+    config = write_config(tmp_path, ca_bundle=ca.folder / "ca.crt", server=server_pair,
+                          routes=route([9]), top="workers = 2")  # fmt: skip
+    proc = subprocess.run([*MTLSPROXY, "check", "--config", str(config)],
+                          capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
+    assert proc.returncode == 2 and "fixed port" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"), [("1", True), ('"auto"', True), ("0", False), ('"many"', False)]
+)
+def test_workers_values(
+    tmp_path: Path, ca: CertificateAuthority, server_pair: Pair, value: str, ok: bool
+) -> None:
+    config = write_config(tmp_path, ca_bundle=ca.folder / "ca.crt", server=server_pair,
+                          routes=route([9]), top=f"workers = {value}")  # fmt: skip
+    config.write_text(config.read_text().replace('"127.0.0.1:0"\nmode', '"127.0.0.1:18999"\nmode'))
+    proc = subprocess.run([*MTLSPROXY, "check", "--config", str(config)],
+                          capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
+    assert (proc.returncode == 0) is ok, proc.stderr
