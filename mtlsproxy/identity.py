@@ -20,6 +20,7 @@ Two choices fail closed on purpose:
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from datetime import datetime
 
 import msgspec
@@ -146,3 +147,32 @@ def _spiffe_id(uris: tuple[str, ...]) -> str | None:
     if not uri.startswith("spiffe://") or not trust_domain:
         return None
     return uri
+
+
+class IdentityCache:
+    """Identities by the SHA-256 of their leaf, most recently used kept.
+
+    The same few certificates come back on every connection (a client reconnects with the
+    certificate it had a minute ago), and reading one is most of the Python work of a
+    handshake: OpenSSL computes the fingerprint in C, and a hit skips decoding entirely.
+    The fingerprint covers the whole DER, so a hit is the same certificate, byte for byte.
+    """
+
+    def __init__(self, size: int = 10_000) -> None:
+        self._size = size
+        self._items: OrderedDict[str, Identity] = OrderedDict()
+
+    def get(self, sha256: str) -> Identity | None:
+        identity = self._items.get(sha256)
+        if identity is not None:
+            self._items.move_to_end(sha256)
+        return identity
+
+    def put(self, identity: Identity) -> None:
+        self._items[identity.sha256] = identity
+        self._items.move_to_end(identity.sha256)
+        if len(self._items) > self._size:
+            self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)

@@ -135,9 +135,13 @@ class HttpConnection:
         self.store = store
         self.metrics = metrics
         self.client_ip = client_ip
+        # True when the connection ends with no unread input from the client, so a
+        # plain close cannot turn into a RST that destroys the last response.
+        self.clean_end = False
 
     async def run(self) -> None:
         leftover, first = b"", True
+        self.clean_end = False
         # A connection asked to close before its first request (its handshake finished
         # during a drain) still gets that request answered, with Connection: close:
         # closing it unanswered would look like a failure to the client.
@@ -148,6 +152,7 @@ class HttpConnection:
                 await self._refuse(exc, None)
                 return
             if head is None:
+                self.clean_end = not leftover  # idle or closed between requests
                 return
             first = False
             leftover_or_none = await self._serve_one(head)
@@ -232,9 +237,12 @@ class HttpConnection:
             return None
         self._count(exchange.route.label, exchange.status)
         reusable = client.our_state is h11.DONE and client.their_state is h11.DONE
+        leftover = bytes(client.trailing_data[0])
         if not reusable or self.session.closing is not None:
+            # Whole request read and nothing after it: a plain close loses nothing.
+            self.clean_end = client.their_state is h11.DONE and not leftover
             return None
-        return bytes(client.trailing_data[0])
+        return leftover
 
     def _match(self, request: h11.Request) -> RouteRuntime:
         host = next((v for k, v in request.headers if k == b"host"), None)
@@ -278,7 +286,9 @@ class HttpConnection:
             await self.stream.send_all(response)
 
     def _count(self, route: str, status: int) -> None:
-        self.metrics.requests.labels(self.listener.label, route, f"{status // 100}xx").inc()
+        self.metrics.child(
+            self.metrics.requests, self.listener.label, route, f"{status // 100}xx"
+        ).inc()
 
     # ---- 3. forward ----------------------------------------------------------------
 
@@ -306,7 +316,9 @@ class HttpConnection:
             except BaseException:
                 await _discard(up)
                 raise
-            self.metrics.upstream_seconds.labels(route.label).observe(trio.current_time() - started)
+            self.metrics.child(self.metrics.upstream_seconds, route.label).observe(
+                trio.current_time() - started
+            )
             if not self.pool.release(up):
                 await _discard(up)
             return
@@ -321,7 +333,9 @@ class HttpConnection:
                     backend, connect_timeout=route.config.connect_timeout.seconds
                 )
             except ConnectFailed as exc:
-                self.metrics.upstream_connect_errors.labels(route.label, str(backend)).inc()
+                self.metrics.child(
+                    self.metrics.upstream_connect_errors, route.label, str(backend)
+                ).inc()
                 log.warning("route %s: %s", route.label, exc)
         raise BadGateway("no backend answered")
 
@@ -350,6 +364,9 @@ class HttpConnection:
             # Now, before the two tasks start: only one task may write to the client.
             exchange.sent_100 = True
             await self._send_client(client, h11.InformationalResponse(status_code=100, headers=[]))
+        if not exchange.has_body:  # one direction only: no second task to coordinate
+            await self._relay_response(client, exchange, up, stale_ok)
+            return
         errors: list[BaseException] = []
         with trio.CancelScope() as both:
 
@@ -361,10 +378,7 @@ class HttpConnection:
                     both.cancel()
 
             async with trio.open_nursery() as nursery:
-                if exchange.has_body:
-                    nursery.start_soon(
-                        capture, lambda: self._pump_body(client, exchange, up, limit)
-                    )
+                nursery.start_soon(capture, lambda: self._pump_body(client, exchange, up, limit))
                 await capture(lambda: self._relay_response(client, exchange, up, stale_ok))
                 nursery.cancel_scope.cancel()  # response done: stop reading a body nobody wants
         if errors:
@@ -378,7 +392,9 @@ class HttpConnection:
                 event = await self._next_client_event(client)
                 if isinstance(event, h11.Data):
                     limit.add(len(event.data))
-                    self.metrics.bytes.labels(self.listener.label, "in").inc(len(event.data))
+                    self.metrics.child(self.metrics.bytes, self.listener.label, "in").inc(
+                        len(event.data)
+                    )
                     await self._send_up(up, h11.Data(data=event.data))
                 elif isinstance(event, h11.EndOfMessage):
                     await self._send_up(up, h11.EndOfMessage())
@@ -432,7 +448,9 @@ class HttpConnection:
             if event is h11.NEED_DATA:
                 up.conn.receive_data(await self._receive_up(up, timeout))
             elif isinstance(event, h11.Data):
-                self.metrics.bytes.labels(self.listener.label, "out").inc(len(event.data))
+                self.metrics.child(self.metrics.bytes, self.listener.label, "out").inc(
+                    len(event.data)
+                )
                 await self._send_client(client, h11.Data(data=event.data))
             elif isinstance(event, h11.EndOfMessage):
                 await self._send_client(client, h11.EndOfMessage())

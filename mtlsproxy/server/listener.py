@@ -17,7 +17,7 @@ import errno
 import logging
 import socket
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import trio
@@ -25,9 +25,8 @@ import trio
 from mtlsproxy.address import Address
 from mtlsproxy.config import Listener
 from mtlsproxy.denylist import DenyList
-from mtlsproxy.identity import Identity, IdentityError
+from mtlsproxy.identity import Identity, IdentityCache, IdentityError
 from mtlsproxy.metrics import Metrics
-from mtlsproxy.pki.describe import fingerprint
 from mtlsproxy.policy import denied_by
 from mtlsproxy.relay.routing import RouteTable
 from mtlsproxy.server.http import HttpConnection, RouteRuntime
@@ -53,6 +52,7 @@ class Shared:
     pool: UpstreamPool
     metrics: Metrics
     handshake_timeout: float
+    identities: IdentityCache = field(default_factory=IdentityCache)
 
 
 @dataclass
@@ -93,7 +93,7 @@ async def _connection(runtime: ListenerRuntime, stream: trio.SocketStream, share
     peer = _peer(stream)
     label = runtime.label
     try:
-        with shared.metrics.active_connections.labels(label).track_inprogress():
+        with shared.metrics.child(shared.metrics.active_connections, label).track_inprogress():
             await _handshake_and_serve(runtime, stream, shared, peer)
     except Exception:
         log.exception("listener %s: connection from %s failed", label, peer)
@@ -107,6 +107,7 @@ async def _handshake_and_serve(
     label = runtime.label
     metrics = shared.metrics
     material = shared.store.current()
+    clean = False
     tls = TLSStream(stream, material.context_for(runtime.config.mode), server_side=True)
     started = trio.current_time()
     try:
@@ -116,21 +117,17 @@ async def _handshake_and_serve(
         log.info("listener %s: refused %s: %s (%s)", label, peer, exc.reason, exc.detail)
         return
     finally:
-        metrics.handshake_seconds.labels(label).observe(trio.current_time() - started)
+        metrics.child(metrics.handshake_seconds, label).observe(trio.current_time() - started)
     try:
-        cert = tls.peer_certificate
-        if cert is None:  # VERIFY_FAIL_IF_NO_PEER_CERT makes this unreachable; fail closed
-            metrics.refused(label, "no_cert")
-            return
         try:
-            identity = Identity.from_certificate(cert)
+            identity = _identity(tls, shared)
         except IdentityError as exc:
             metrics.refused(label, "bad_cert")
             log.info("listener %s: refused %s: bad_cert (%s)", label, peer, exc)
             return
         result = _connection_check(identity, material.credentials.deny)
         resumed = "true" if tls.session_reused else "false"
-        metrics.handshakes.labels(label, result, resumed).inc()
+        metrics.child(metrics.handshakes, label, result, resumed).inc()
         if result != "ok":
             log.info("listener %s: refused %s (%s): %s", label, peer, _who(identity), result)
             if runtime.config.mode != "http":
@@ -144,7 +141,7 @@ async def _handshake_and_serve(
             with session.cancel_scope:
                 if runtime.routes is None:
                     raise NotImplementedError("tcp listeners arrive with the WebSocket/TCP issue")
-                await HttpConnection(
+                http = HttpConnection(
                     tls,
                     session=session,
                     listener=runtime.config,
@@ -153,21 +150,44 @@ async def _handshake_and_serve(
                     store=shared.store,
                     metrics=metrics,
                     client_ip=peer.rsplit(":", 1)[0].strip("[]"),
-                ).run()
+                )
+                await http.run()
+                clean = http.clean_end
         finally:
             shared.sessions.remove(session)
     finally:
-        await lingering_close(tls)
+        if clean:  # nothing unread: a plain close (close_notify, then close) is safe
+            with trio.CancelScope(shield=True):
+                await tls.aclose()
+        else:
+            await lingering_close(tls)
+
+
+def _identity(tls: TLSStream, shared: Shared) -> Identity:
+    sha256 = tls.peer_sha256
+    if sha256 is None:  # VERIFY_FAIL_IF_NO_PEER_CERT makes this unreachable; fail closed
+        raise IdentityError("no client certificate")
+    identity = shared.identities.get(sha256)
+    if identity is None:
+        cert = tls.peer_certificate
+        assert cert is not None
+        identity = Identity.from_certificate(cert)
+        shared.identities.put(identity)
+    return identity
 
 
 def _anchor(tls: TLSStream, identity: Identity, shared: Shared) -> str | None:
-    """The root this certificate chained to; for a resumed session, as remembered."""
-    chain = tls.verified_chain
-    if chain:
-        anchor = fingerprint(chain[-1])
-        shared.store.remember_anchor(identity.sha256, anchor)
-        return anchor
-    return shared.store.anchor_of(identity.sha256)
+    """The root this certificate chained to: remembered per leaf, since a resumed
+    session has no verified chain and a full one need not be walked again."""
+    known = shared.store.anchor_of(identity.sha256)
+    if known is not None:
+        return known
+    root = tls.verified_root_sha256
+    if root is None:
+        return None
+    anchor = f"sha256:{root}"
+    shared.store.remember_anchor(identity.sha256, anchor)
+    return anchor
 
 
 def _connection_check(identity: Identity, deny: DenyList) -> str:

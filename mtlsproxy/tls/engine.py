@@ -46,6 +46,7 @@ write half done, which cannot be resumed with other data, so the stream becomes 
 
 from __future__ import annotations
 
+import hashlib
 import socket
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -53,7 +54,7 @@ from typing import Any, TypeVar
 
 import trio
 from cryptography import x509
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from OpenSSL._util import lib as _lib
 
 from mtlsproxy.errors import MtlsProxyError
@@ -131,6 +132,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._readable = _Parker(trio.lowlevel.wait_readable)
         self._writable = _Parker(trio.lowlevel.wait_writable)
         self._handshake_done = False
+        self._peer_x509: Any = None  # OpenSSL's object; decoded only when asked for
         self._peer_certificate: x509.Certificate | None = None
         self._busy: set[str] = set()
         self._broken = False
@@ -220,7 +222,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
             raise HandshakeError("timeout", f"no complete handshake within {timeout:g} s")
         self._handshake_done = True
         # Every connection needs it (identity, logs), so decode it once, here.
-        self._peer_certificate = self._conn.get_peer_certificate(as_cryptography=True)
+        self._peer_x509 = self._conn.get_peer_certificate()
 
     async def _close_after_alert(self) -> None:
         # Socket mode: OpenSSL has already written the alert into the kernel's send buffer.
@@ -244,8 +246,25 @@ class TLSStream(trio.abc.HalfCloseableStream):
 
     @property
     def peer_certificate(self) -> x509.Certificate | None:
-        """The peer's verified leaf certificate (None before the handshake or if none sent)."""
+        """The verified leaf, decoded on first use (identity caches skip it entirely)."""
+        if self._peer_certificate is None and self._peer_x509 is not None:
+            self._peer_certificate = self._peer_x509.to_cryptography()
         return self._peer_certificate
+
+    @property
+    def peer_sha256(self) -> str | None:
+        """SHA-256 of the leaf's DER, lowercase hex, computed by OpenSSL without decoding."""
+        if self._peer_x509 is None:
+            return None
+        return _sha256_hex(self._peer_x509)
+
+    @property
+    def verified_root_sha256(self) -> str | None:
+        """SHA-256 of the trust anchor the chain was verified to (None when resumed)."""
+        chain = self._conn.get_verified_chain()
+        if not chain:
+            return None
+        return _sha256_hex(chain[-1])
 
     @property
     def verified_chain(self) -> list[x509.Certificate] | None:
@@ -387,3 +406,9 @@ class TLSStream(trio.abc.HalfCloseableStream):
         # number can be reused.
         trio.lowlevel.notify_closing(self._sock)
         self._sock.close()
+
+
+def _sha256_hex(cert: Any) -> str:
+    # pyOpenSSL's X509.digest() formats its colon-separated hex in Python; encoding the
+    # DER (one C call) and hashing it is several times cheaper per connection.
+    return hashlib.sha256(crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)).hexdigest()
