@@ -18,8 +18,8 @@ test: $(STAMP) system-tools check pytest
 check: lint typecheck
 
 lint: $(STAMP)
-	$(BIN)/ruff check mtlsproxy tests
-	$(BIN)/ruff format --check mtlsproxy tests
+	$(BIN)/ruff check mtlsproxy tests benchmarks
+	$(BIN)/ruff format --check mtlsproxy tests benchmarks
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -27,13 +27,16 @@ typecheck: $(STAMP)
 pytest: $(STAMP) system-tools
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+# curl and openssl are the tests' real clients; cc and the OpenSSL headers build the
+# load generator the benchmark smoke test runs.
 system-tools:
-	@scripts/ensure-system-tools curl openssl
+	@scripts/ensure-system-tools curl openssl cc:gcc make:make \
+		/usr/include/openssl/ssl.h:libssl-dev
 
 # mtlsproxy and nginx side by side (benchmarks/README.md). BENCH_ARGS="--rounds 5 --workers2"
 bench: $(BENCH_STAMP)
-	@scripts/ensure-system-tools curl openssl nginx:nginx cc:gcc taskset:util-linux \
-		/usr/include/openssl/ssl.h:libssl-dev
+	@scripts/ensure-system-tools curl openssl nginx:nginx cc:gcc make:make taskset:util-linux \
+		pkg-config:pkg-config /usr/include/openssl/ssl.h:libssl-dev
 	$(MAKE) -C benchmarks/loadgen
 	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
 

@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -116,7 +117,9 @@ def main() -> int:
 
 def make_certificates(work: Path) -> dict[str, Path]:
     ca = CertificateAuthority.init(work / "ca", name="bench")
-    ca.issue(kind="server", name="localhost", dns=["localhost"], ips=["127.0.0.1"]).write(work / "server")
+    ca.issue(kind="server", name="localhost", dns=["localhost"], ips=["127.0.0.1"]).write(
+        work / "server"
+    )
     ca.issue(kind="client", name="bench-client").write(work / "client")
     return {
         "ca": work / "ca" / "ca.crt",
@@ -206,7 +209,9 @@ def running(work: Path, certs: dict[str, Path], workers2: bool) -> Iterator[list
         (work / d).mkdir()
     try:
         (work / "backend.conf").write_text(NGINX_BACKEND.format(**fill))
-        procs.append(_spawn(LOAD_CORE, ["nginx", "-c", str(work / "backend.conf"), "-g", "daemon off;"]))
+        procs.append(
+            _spawn(LOAD_CORE, ["nginx", "-c", str(work / "backend.conf"), "-g", "daemon off;"])
+        )
         (work / "nginx.conf").write_text(NGINX_MTLS.format(port=NGINX_PORT, **fill))
         nginx = _spawn(SERVER_CORE, ["nginx", "-c", str(work / "nginx.conf"), "-g", "daemon off;"])
         procs.append(nginx)
@@ -241,15 +246,14 @@ def _spawn(cores: str, command: list[str]) -> subprocess.Popen[bytes]:
 
 
 def _wait_port(port: int) -> None:
-    import socket
-
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
         except OSError:
             time.sleep(0.1)
+        else:
+            return
     raise SystemExit(f"nothing listens on 127.0.0.1:{port} after 30 s")
 
 
@@ -272,14 +276,18 @@ def cpu_ticks(pid: int) -> int:
     return total
 
 
-def loadgen(system: System, certs: dict[str, Path], args: tuple[str, ...], duration: float) -> dict[str, object]:
+def loadgen(
+    system: System, certs: dict[str, Path], args: tuple[str, ...], duration: float
+) -> dict[str, object]:
     command = [
         "taskset", "-c", LOAD_CORE, str(LOADGEN),
         "--connect", f"127.0.0.1:{system.port}", "--sni", "localhost",
         "--ca", str(certs["ca"]), "--cert", str(certs["client_crt"]), "--key", str(certs["client_key"]),
         "--duration", str(duration), "--warmup", "1", *args,
     ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=duration + 60, check=False)
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=duration + 60, check=False
+    )
     if done.returncode != 0:
         raise SystemExit(f"loadgen failed against {system.name}: {done.stderr.strip()}")
     result: dict[str, object] = json.loads(done.stdout)
@@ -306,7 +314,9 @@ def measure(systems: list[System], certs: dict[str, Path], args: argparse.Namesp
     return runs
 
 
-def _run(scenario: Scenario, system: System, round_: int, result: dict[str, object], cpu: float) -> Run:
+def _run(
+    scenario: Scenario, system: System, round_: int, result: dict[str, object], cpu: float
+) -> Run:
     ops = int(result["ops"])  # type: ignore[call-overload]
     seconds = float(result["seconds"])  # type: ignore[arg-type]
     if scenario.metric in ("p50", "p99"):
@@ -331,7 +341,9 @@ def _run(scenario: Scenario, system: System, round_: int, result: dict[str, obje
     )
 
 
-def rotation_row(systems: list[System], certs: dict[str, Path], work: Path, duration: float) -> dict[str, object]:
+def rotation_row(
+    systems: list[System], certs: dict[str, Path], work: Path, duration: float
+) -> dict[str, object]:
     """Keep-alive load and full handshakes during 50 reloads, against the same without."""
     proxy = next(s for s in systems if s.name == "mtlsproxy")
     ca = CertificateAuthority.load(certs["ca_dir"])
@@ -383,7 +395,9 @@ def write_results(runs: list[Run], rotation: dict[str, object], args: argparse.N
         "cpus": os.cpu_count(),
         "cpu_model": _cpu_model(),
         "kernel": os.uname().release,
-        "nginx": subprocess.run(["nginx", "-v"], capture_output=True, text=True, check=False).stderr.strip(),
+        "nginx": subprocess.run(
+            ["nginx", "-v"], capture_output=True, text=True, check=False
+        ).stderr.strip(),
         "rounds": args.rounds,
         "duration_s": args.duration,
     }
@@ -403,7 +417,11 @@ def summarize(runs: list[Run]) -> list[dict[str, object]]:
         mine = [r for r in runs if r.scenario == scenario.name]
         if not mine:
             continue
-        row: dict[str, object] = {"scenario": scenario.name, "title": scenario.title, "unit": scenario.unit}
+        row: dict[str, object] = {
+            "scenario": scenario.name,
+            "title": scenario.title,
+            "unit": scenario.unit,
+        }
         for system in systems:
             values = [r.value for r in mine if r.system == system]
             cpu = [r.server_cpu_us_per_op for r in mine if r.system == system]
@@ -428,8 +446,17 @@ def summarize(runs: list[Run]) -> list[dict[str, object]]:
     return rows
 
 
-def markdown(summary: list[dict[str, object]], rotation: dict[str, object], machine: dict[str, object], stamp: str) -> str:
-    systems = [k for k in summary[0] if isinstance(summary[0][k], dict) and "median" in summary[0][k] and "/" not in k]  # type: ignore[operator]
+def markdown(
+    summary: list[dict[str, object]],
+    rotation: dict[str, object],
+    machine: dict[str, object],
+    stamp: str,
+) -> str:
+    systems = [
+        k
+        for k in summary[0]
+        if isinstance(summary[0][k], dict) and "median" in summary[0][k] and "/" not in k
+    ]  # type: ignore[operator]
     lines = [
         f"# mtlsproxy vs nginx, {stamp}",
         "",
@@ -437,22 +464,38 @@ def markdown(summary: list[dict[str, object]], rotation: dict[str, object], mach
         f"{machine['rounds']} interleaved rounds of {machine['duration_s']} s; server on core 0, "
         "load generator and backend on core 1. Median (min-max); ratio = mtlsproxy / nginx per round.",
         "",
-        "| metric | " + " | ".join(systems) + " | ratio per round | median ratio | server CPU µs/op (" + ", ".join(systems) + ") |",
+        "| metric | "
+        + " | ".join(systems)
+        + " | ratio per round | median ratio | server CPU µs/op ("
+        + ", ".join(systems)
+        + ") |",
         "|---|" + "---|" * len(systems) + "---|---|---|",
     ]
     for row in summary:
         cells = []
         for system in systems:
             s: dict[str, float] = row[system]  # type: ignore[assignment]
-            cells.append(f"{s['median']:.1f} ({s['min']:.1f}-{s['max']:.1f})" + (f", {int(s['errors'])} errors" if s["errors"] else ""))
+            cells.append(
+                f"{s['median']:.1f} ({s['min']:.1f}-{s['max']:.1f})"
+                + (f", {int(s['errors'])} errors" if s["errors"] else "")
+            )
         ratio_keys = [k for k in row if k.endswith("/nginx")]
         per_round = "; ".join(
-            ", ".join(f"{x:.2f}" for x in row[k]["per_round"]) for k in ratio_keys  # type: ignore[index]
+            ", ".join(f"{x:.2f}" for x in row[k]["per_round"])
+            for k in ratio_keys  # type: ignore[index]
         )
         median = "; ".join(f"{row[k]['median']:.2f}" for k in ratio_keys)  # type: ignore[index]
         cpu = ", ".join(f"{row[s]['cpu_us_per_op']:.0f}" for s in systems)  # type: ignore[index]
-        lines.append(f"| {row['title']} ({row['unit']}) | " + " | ".join(cells) + f" | {per_round} | {median} | {cpu} |")
-    lines += ["", "Rotation under load (mtlsproxy, 50 reloads with a new server certificate each):", ""]
+        lines.append(
+            f"| {row['title']} ({row['unit']}) | "
+            + " | ".join(cells)
+            + f" | {per_round} | {median} | {cpu} |"
+        )
+    lines += [
+        "",
+        "Rotation under load (mtlsproxy, 50 reloads with a new server certificate each):",
+        "",
+    ]
     for mode, data in rotation.items():
         d: dict[str, object] = data  # type: ignore[assignment]
         lines.append(f"- {mode}: {d['rate_during']:.0f}/s during the reloads vs {d['rate_without']:.0f}/s without; "

@@ -230,3 +230,39 @@ def test_a_port_in_use_is_one_clear_line(
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert f"mtlsproxy: error: cannot listen on 127.0.0.1:{port}" in proc.stderr
+
+
+async def test_an_early_answer_during_an_upload_says_connection_close(
+    make_env, nursery: trio.Nursery
+) -> None:
+    """A backend may answer before the body is all sent (nginx's `return` does). The
+    proxy then cannot keep the client connection, and must say so, not just close."""
+
+    async def answers_at_once(stream: trio.SocketStream) -> None:
+        await read_request(stream)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        with trio.move_on_after(5):  # then reads and drops the body, as nginx does
+            while await stream.receive_some(65536):
+                pass
+
+    port = await serve_raw(nursery, answers_at_once)
+    env = await make_env(routes=route([port]), backends=0)
+    ctx = ssl.create_default_context(cafile=str(env.ca_bundle))
+    ctx.load_cert_chain(env.client.crt, env.client.key)
+
+    def upload() -> bytes:
+        with (
+            socket.create_connection(("127.0.0.1", env.port), timeout=CLIENT_TIMEOUT) as raw,
+            ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+        ):
+            tls.sendall(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 4194304\r\n\r\n")
+            answer = b""
+            for _ in range(16):  # the first quarter of the body, then read the answer
+                tls.sendall(b"x" * 65536)
+            while b"ok" not in answer and (chunk := tls.recv(65536)):
+                answer += chunk
+            return answer
+
+    (answer,) = parse_responses(await trio.to_thread.run_sync(upload), eof=False)
+    assert answer.status == 200
+    assert answer.headers.get("connection") == ["close"]

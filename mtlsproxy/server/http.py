@@ -109,6 +109,7 @@ class _Exchange:
     route: RouteRuntime
     has_body: bool
     sent_100: bool = False
+    body_done: bool = False  # the whole request body went upstream
     response_started: bool = False
     status: int = 0
 
@@ -398,6 +399,7 @@ class HttpConnection:
                     await self._send_up(up, h11.Data(data=event.data))
                 elif isinstance(event, h11.EndOfMessage):
                     await self._send_up(up, h11.EndOfMessage())
+                    exchange.body_done = True
                     return
         except _UpstreamBroken:
             # The backend stopped taking the body: it may be answering already (413, 401),
@@ -430,7 +432,11 @@ class HttpConnection:
         timeout = exchange.route.config.read_timeout.seconds
         response, rest = await self._relay_heads(client, exchange, up, stale_ok, timeout)
         headers = downstream_response_headers(response)
-        if self.session.closing is not None:
+        # A backend may answer before the request body is all sent (nginx's `return`
+        # does). The rest of the body will not be read once the response is done, so
+        # this connection cannot carry another request: say so now, not by a bare close.
+        unfinished_body = exchange.has_body and not exchange.body_done
+        if self.session.closing is not None or unfinished_body:
             headers.append((b"Connection", b"close"))
         exchange.response_started = True
         exchange.status = response.status_code
