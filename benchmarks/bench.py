@@ -67,7 +67,7 @@ SCENARIOS = (
     Scenario("keepalive_p99", "keep-alive request latency p99", "ms", "p99",
              ("--mode", "keepalive", "--concurrency", "32"), higher_is_better=False),
     Scenario("upload", "1 MiB upload throughput (4 connections)", "MiB/s", "mib_per_s",
-             ("--mode", "upload", "--concurrency", "4", "--body-size", str(2**20))),
+             ("--mode", "upload", "--concurrency", "4", "--body-size", str(2**20), "--path", "/upload")),
 )  # fmt: skip
 
 
@@ -99,7 +99,18 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", help="scenario names to run")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--workers2", action="store_true", help="also measure workers = 2")
+    parser.add_argument(
+        "--replot", action="store_true", help="redo table and plot from latest.json"
+    )
     args = parser.parse_args()
+    if args.replot:
+        document = json.loads((args.out / "latest.json").read_text())
+        text = markdown(
+            document["summary"], document["rotation"], document["machine"], document["date"]
+        )
+        (args.out / "latest.md").write_text(text)
+        plot(document["summary"], args.out / "latest.png")
+        return 0
     if not LOADGEN.exists():
         sys.exit("loadgen is not built: run `make bench` (it builds benchmarks/loadgen)")
     with tempfile.TemporaryDirectory(prefix="mtlsproxy-bench-") as tmp:
@@ -141,6 +152,19 @@ http {{
     client_body_temp_path {work}/backend-tmp;
     server {{
         listen 127.0.0.1:{backend};
+        keepalive_requests 10000000;
+        client_max_body_size 0;
+        location / {{ return 200 "ok\\n"; }}
+        # Uploads: read the whole body first (request buffering, as an application
+        # would), then answer. A bare `return` answers before the body is read, which
+        # tests early-answer handling rather than throughput.
+        location /upload {{
+            client_body_buffer_size 2m;
+            proxy_pass http://127.0.0.1:{backend_sink};
+        }}
+    }}
+    server {{
+        listen 127.0.0.1:{backend_sink};
         keepalive_requests 10000000;
         client_max_body_size 0;
         location / {{ return 200 "ok\\n"; }}
@@ -204,7 +228,11 @@ backends = ["127.0.0.1:{backend}"]
 @contextmanager
 def running(work: Path, certs: dict[str, Path], workers2: bool) -> Iterator[list[System]]:
     procs: list[subprocess.Popen[bytes]] = []
-    fill = {k: str(v) for k, v in certs.items()} | {"work": str(work), "backend": BACKEND_PORT}
+    fill = {k: str(v) for k, v in certs.items()} | {
+        "work": str(work),
+        "backend": BACKEND_PORT,
+        "backend_sink": BACKEND_PORT + 1,
+    }
     for d in ("backend-tmp", "nginx-tmp", "nginx-proxy-tmp"):
         (work / d).mkdir()
     try:
@@ -348,30 +376,30 @@ def rotation_row(
     proxy = next(s for s in systems if s.name == "mtlsproxy")
     ca = CertificateAuthority.load(certs["ca_dir"])
     stop = threading.Event()
-    reloads = {"done": 0, "failed": 0}
+    reloads = {"swapped": 0, "unchanged": 0, "failed": 0}
 
     def rotate() -> None:
-        while not stop.is_set() and reloads["done"] < 50:
+        while not stop.is_set() and reloads["swapped"] + reloads["unchanged"] < 50:
             issued = ca.issue(kind="server", name="localhost", dns=["localhost"], ips=["127.0.0.1"])
             issued.write(work / "server")
             request = urllib.request.Request(f"http://127.0.0.1:{ADMIN_PORT}/reload", method="POST")
             try:
                 with urllib.request.urlopen(request, timeout=10) as answer:  # noqa: S310 - loopback
-                    ok = json.load(answer)["result"] == "swapped"
+                    outcome = json.load(answer)["result"]  # "unchanged": the poll was first
             except OSError:
-                ok = False
-            reloads["done" if ok else "failed"] += 1
-            time.sleep(duration / 55)
+                outcome = "failed"
+            reloads[outcome] = reloads.get(outcome, 0) + 1
+            time.sleep(duration / 80)
 
     row: dict[str, object] = {}
     for mode in ("keepalive", "full"):
         scenario = next(s for s in SCENARIOS if s.name == mode)
         baseline = loadgen(proxy, certs, scenario.args, duration)
-        reloads.update(done=0, failed=0)
+        reloads.update(swapped=0, unchanged=0, failed=0)
         stop.clear()
         rotator = threading.Thread(target=rotate)
         rotator.start()
-        during = loadgen(proxy, certs, scenario.args, duration)
+        during = loadgen(proxy, certs, scenario.args, duration * 2)  # room for all 50
         stop.set()
         rotator.join(timeout=30)
         row[mode] = {
@@ -380,7 +408,7 @@ def rotation_row(
             "errors_during": during["errors"],
             "reloads": dict(reloads),
         }
-        print(f"rotation {mode}: {during['rate']:.0f}/s during {reloads['done']} reloads "
+        print(f"rotation {mode}: {during['rate']:.0f}/s during {reloads} reloads "
               f"vs {baseline['rate']:.0f}/s without; errors {during['errors']}")  # fmt: skip
     return row
 
@@ -525,9 +553,10 @@ def plot(summary: list[dict[str, object]], path: Path) -> None:
             hi.append(max(per_round) - data["median"])
         ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=key)
     ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_yscale("log")  # ratios from 0.04 to 25 on one chart
     ax.set_xticks([j + width * (len(ratio_keys) - 1) / 2 for j in range(len(summary))])
     ax.set_xticklabels([str(row["scenario"]) for row in summary], rotation=20)
-    ax.set_ylabel("ratio to nginx (median, min-max over rounds)")
+    ax.set_ylabel("ratio to nginx, log scale (median, min-max over rounds)")
     ax.set_title("mtlsproxy / nginx (above 1: more throughput, or more latency for latency rows)")
     ax.legend()
     fig.tight_layout()
