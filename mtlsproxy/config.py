@@ -119,9 +119,12 @@ class Listener(Struct, frozen=True):
     mode: Literal["http", "tcp"] = "http"
     name: str | None = None
     routes: list[Route] = []
-    # mode = "tcp": where the bytes go and who may send them.
+    # mode = "tcp": where the bytes go, who may send them, and whether the backend is
+    # first told who connected (PROXY protocol v2, with the identity in TLVs).
     backends: list[Address] = []
     allow: list[AllowRule] | None = None
+    proxy_protocol: Literal["v2"] | None = None
+    connect_timeout: Duration = Duration("5s")
     max_connections: Annotated[int, Meta(ge=1)] = 10_000
     header_timeout: Duration = Duration("10s")
     idle_timeout: Duration = Duration("60s")
@@ -132,8 +135,12 @@ class Listener(Struct, frozen=True):
         if self.mode == "http":
             if not self.routes:
                 raise ValueError("an http listener needs at least one [[listeners.routes]]")
-            if self.backends or self.allow is not None:
-                raise ValueError("backends and allow go on routes for an http listener")
+            if self.backends or self.allow is not None or self.proxy_protocol is not None:
+                raise ValueError(
+                    "backends, allow and proxy_protocol go on routes for an http listener"
+                    if self.proxy_protocol is None
+                    else "proxy_protocol is for tcp listeners"
+                )
         else:
             if self.routes:
                 raise ValueError("a tcp listener takes backends (and allow), not routes")

@@ -6,6 +6,11 @@ added (each as a list of every value received), and, for a body, its length and 
 (so a test can check a 1 GiB upload arrived whole without the backend keeping it).
 ``GET /bytes/N`` streams N bytes back.
 
+The TCP echo (``serve_tcp_echo``) reads the PROXY protocol v2 header the proxy sends on a
+``proxy_protocol = "v2"`` listener, answers one JSON line with the identity it carried
+(client address, CN, SPIFFE id, fingerprint, TLS version), then echoes every byte back,
+and passes a half-close on.
+
 It trusts the identity headers because only the proxy can reach it: that is the whole
 deployment model, and why it must never listen on a public address.
 """
@@ -19,6 +24,8 @@ from typing import Any
 import h11
 import msgspec
 import trio
+
+from mtlsproxy.relay import proxy_protocol
 
 log = logging.getLogger("mtlsproxy.demo_backend")
 
@@ -115,3 +122,56 @@ async def _answer(conn: h11.Connection, stream: trio.SocketStream, request: h11.
     if request.method != b"HEAD":
         await send(h11.Data(data=body))
     await send(h11.EndOfMessage())
+
+
+async def serve_tcp_echo(
+    host: str, port: int, *, task_status: Any = trio.TASK_STATUS_IGNORED
+) -> None:
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    task_status.started(listeners)
+    await trio.serve_listeners(_echo, listeners)
+
+
+async def _echo(stream: trio.SocketStream) -> None:
+    try:
+        greeting, rest = await _read_proxy_header(stream)
+        await stream.send_all(msgspec.json.encode(greeting) + b"\n" + rest)
+        while data := await stream.receive_some(_CHUNK):
+            await stream.send_all(data)
+        await stream.send_eof()
+        with trio.move_on_after(5):  # let the proxy close its side first
+            await stream.receive_some(1)
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        log.debug("demo tcp echo: connection ended: %s", exc)
+    finally:
+        await stream.aclose()
+
+
+async def _read_proxy_header(stream: trio.SocketStream) -> tuple[dict[str, Any], bytes]:
+    buffer = b""
+    with trio.move_on_after(10):
+        while True:
+            try:
+                parsed = proxy_protocol.parse(buffer)
+            except ValueError:
+                return {"proxy_protocol": None}, buffer  # a direct client: echo it all
+            if parsed is not None:
+                header, rest = parsed
+                ssl = header.ssl_sub
+                return {
+                    "proxy_protocol": "v2",
+                    "client": f"{header.source[0]}:{header.source[1]}",
+                    "cn": ssl.get(proxy_protocol.PP2_SUBTYPE_SSL_CN, b"").decode() or None,
+                    "tls_version": ssl.get(proxy_protocol.PP2_SUBTYPE_SSL_VERSION, b"").decode(),
+                    "verified": header.ssl_verify == 0,
+                    "spiffe_id": header.tlvs.get(proxy_protocol.PP2_TYPE_SPIFFE_ID, b"").decode()
+                    or None,
+                    "fingerprint": header.tlvs.get(
+                        proxy_protocol.PP2_TYPE_FINGERPRINT, b""
+                    ).decode(),
+                }, rest
+            data = await stream.receive_some(_CHUNK)
+            if not data:
+                return {"proxy_protocol": None}, buffer
+            buffer += data
+    return {"proxy_protocol": None}, buffer

@@ -27,9 +27,10 @@ from mtlsproxy.config import Listener
 from mtlsproxy.denylist import DenyList
 from mtlsproxy.identity import Identity, IdentityCache, IdentityError
 from mtlsproxy.metrics import Metrics
-from mtlsproxy.policy import denied_by
+from mtlsproxy.policy import denied_by, is_allowed
 from mtlsproxy.relay.routing import RouteTable
 from mtlsproxy.server.http import HttpConnection, RouteRuntime
+from mtlsproxy.server.tcp import TcpRoute, relay_tcp
 from mtlsproxy.server.upstream import UpstreamPool
 from mtlsproxy.sessions import Session, SessionRegistry
 from mtlsproxy.tls.engine import HandshakeError, TLSStream
@@ -58,7 +59,8 @@ class Shared:
 @dataclass
 class ListenerRuntime:
     config: Listener
-    routes: RouteTable[RouteRuntime] | None
+    routes: RouteTable[RouteRuntime] | None  # mode = "http"
+    tcp: TcpRoute | None  # mode = "tcp"
     limit: trio.Semaphore
 
     @property
@@ -126,6 +128,13 @@ async def _handshake_and_serve(
             log.info("listener %s: refused %s: bad_cert (%s)", label, peer, exc)
             return
         result = _connection_check(identity, material.credentials.deny)
+        if (
+            result == "ok"
+            and runtime.tcp is not None
+            and not is_allowed(runtime.config.allow, identity)
+        ):
+            # A tcp listener has no request to answer 403 to: its allow rules act here.
+            result = "denied"
         resumed = "true" if tls.session_reused else "false"
         metrics.child(metrics.handshakes, label, result, resumed).inc()
         if result != "ok":
@@ -139,8 +148,17 @@ async def _handshake_and_serve(
         shared.sessions.add(session)
         try:
             with session.cancel_scope:
-                if runtime.routes is None:
-                    raise NotImplementedError("tcp listeners arrive with the WebSocket/TCP issue")
+                if runtime.tcp is not None:
+                    await relay_tcp(
+                        tls,
+                        session=session,
+                        listener=runtime.config,
+                        route=runtime.tcp,
+                        pool=shared.pool,
+                        metrics=metrics,
+                    )
+                    return
+                assert runtime.routes is not None
                 http = HttpConnection(
                     tls,
                     session=session,

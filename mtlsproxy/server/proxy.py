@@ -26,6 +26,7 @@ from mtlsproxy.relay.errors import RouteError
 from mtlsproxy.relay.routing import RoundRobin, Route, RouteTable
 from mtlsproxy.server.http import RouteRuntime
 from mtlsproxy.server.listener import ListenerRuntime, Shared, accept_loop, bind
+from mtlsproxy.server.tcp import tcp_route
 from mtlsproxy.server.upstream import Target, UpstreamPool
 from mtlsproxy.server.workers import ask_supervisor_to_reload
 from mtlsproxy.sessions import Enforcer, SessionRegistry
@@ -199,13 +200,10 @@ def _runtime(index: int, listener: Listener, config: Config, config_path: str) -
             raise ConfigError(
                 config_path, f"listeners[{index}].routes[{exc.index}]", exc.reason
             ) from exc
-    else:
-        raise ConfigError(
-            config_path,
-            f"listeners[{index}].mode",
-            "tcp listeners are not supported by this version yet",
-        )
-    return ListenerRuntime(listener, routes, trio.Semaphore(listener.max_connections))
+        return ListenerRuntime(listener, routes, None, trio.Semaphore(listener.max_connections))
+    return ListenerRuntime(
+        listener, None, tcp_route(listener.backends), trio.Semaphore(listener.max_connections)
+    )
 
 
 def _local(sock: trio.SocketListener) -> Address:

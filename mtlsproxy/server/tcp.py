@@ -1,0 +1,151 @@
+"""Raw TCP listeners (``mode = "tcp"``): after the mTLS handshake, bytes both ways.
+
+Games speak their own protocols, so the proxy does not parse anything here: it
+authorizes the identity (deny list, expiry, the listener's allow rules), optionally sends
+a PROXY protocol v2 header saying who connected (``relay.proxy_protocol``), and pipes.
+
+- **Backpressure**: each direction reads only after the previous chunk was written, so a
+  slow reader slows the writer down, through TCP, instead of filling our memory.
+- **Half-close**: an EOF from one side is passed on as an EOF to the other (close_notify
+  towards the client, FIN towards the backend) and the other direction carries on; the
+  session ends when both directions have ended.
+- **Idle timeout**: when no byte moved either way for ``idle_timeout``, the session closes.
+- **Enforcement**: ``Session.close`` (expired, denied, CA removed, drain) closes a TCP
+  session at once: there is no message boundary to wait for.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from mtlsproxy.address import Address
+from mtlsproxy.config import Listener
+from mtlsproxy.metrics import Metrics
+from mtlsproxy.relay import proxy_protocol
+from mtlsproxy.relay.routing import RoundRobin
+from mtlsproxy.server.upstream import ConnectFailed, Target, UpstreamPool
+from mtlsproxy.sessions import Session
+from mtlsproxy.tls.engine import TLSStream
+
+log = logging.getLogger("mtlsproxy.tcp")
+
+CHUNK = 65536
+_STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+@dataclass(frozen=True)
+class TcpRoute:
+    backends: RoundRobin[Target]
+
+
+async def relay_tcp(
+    client: TLSStream,
+    *,
+    session: Session,
+    listener: Listener,
+    route: TcpRoute,
+    pool: UpstreamPool,
+    metrics: Metrics,
+) -> None:
+    backend = await _connect(route, listener, pool, metrics, session)
+    if backend is None:
+        return
+    stream = backend.stream
+    try:
+        if listener.proxy_protocol == "v2":
+            await stream.send_all(_proxy_header(client, session))
+        idle = listener.idle_timeout.seconds
+        activity = _Activity(trio.current_time() + idle)
+        bytes_in = metrics.child(metrics.bytes, listener.label, "in")
+        bytes_out = metrics.child(metrics.bytes, listener.label, "out")
+        with trio.CancelScope() as scope:
+            # Enforcement and drains close a TCP session at once (Session.close cancels it).
+            session.idle_scope = scope
+            if session.closing is not None:
+                scope.cancel()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_watch_idle, activity, idle, nursery.cancel_scope)
+                async with trio.open_nursery() as pipes:
+                    pipes.start_soon(_pipe, client, stream, activity, idle, bytes_in)
+                    pipes.start_soon(_pipe, stream, client, activity, idle, bytes_out)
+                nursery.cancel_scope.cancel()  # both directions ended: stop the watchdog
+        if activity.idle_out:
+            log.info("tcp session of %s from %s: idle, closed", _who(session), session.peer)
+    finally:
+        session.idle_scope = None
+        with trio.move_on_after(1, shield=True), suppress(*_STREAM_ERRORS):
+            await stream.aclose()
+
+
+@dataclass
+class _Activity:
+    deadline: float
+    idle_out: bool = False
+
+
+async def _pipe(source: Any, sink: Any, activity: _Activity, idle: float, counter: Any) -> None:
+    """Copy until EOF, then pass the EOF on (half-close); errors end this direction."""
+    try:
+        while data := await source.receive_some(CHUNK):
+            await sink.send_all(data)
+            counter.inc(len(data))
+            activity.deadline = trio.current_time() + idle
+        await sink.send_eof()
+    except _STREAM_ERRORS:
+        # One side is gone: nothing more can flow that way. The other direction may
+        # still drain; if it cannot either, it ends the same way.
+        return
+
+
+async def _watch_idle(activity: _Activity, idle: float, scope: trio.CancelScope) -> None:
+    while True:
+        await trio.sleep_until(activity.deadline)
+        if trio.current_time() >= activity.deadline:
+            activity.idle_out = True
+            scope.cancel()
+            return
+
+
+async def _connect(
+    route: TcpRoute, listener: Listener, pool: UpstreamPool, metrics: Metrics, session: Session
+) -> Any:
+    candidates = [t for t in route.backends.order() if pool.is_up(t)]
+    for target in candidates:
+        try:
+            return await pool.acquire(target, connect_timeout=listener.connect_timeout.seconds)
+        except ConnectFailed as exc:
+            metrics.child(metrics.upstream_connect_errors, listener.label, str(target)).inc()
+            log.warning("listener %s: %s", listener.label, exc)
+    log.warning(
+        "listener %s: no backend for %s from %s; closing",
+        listener.label,
+        _who(session),
+        session.peer,
+    )
+    return None
+
+
+def _proxy_header(client: TLSStream, session: Session) -> bytes:
+    identity = session.identity
+    tlvs = proxy_protocol.ssl_tlv(
+        tls_version=client.tls_version, cn=identity.cn, resumed=client.session_reused
+    )
+    if identity.spiffe_id:
+        tlvs += proxy_protocol.tlv(proxy_protocol.PP2_TYPE_SPIFFE_ID, identity.spiffe_id.encode())
+    tlvs += proxy_protocol.tlv(proxy_protocol.PP2_TYPE_FINGERPRINT, identity.fingerprint.encode())
+    peer, local = client.peer_address, client.local_address
+    return proxy_protocol.encode((peer[0], peer[1]), (local[0], local[1]), tlvs)
+
+
+def _who(session: Session) -> str:
+    identity = session.identity
+    return identity.spiffe_id or identity.cn or identity.fingerprint
+
+
+def tcp_route(backends: list[Address]) -> TcpRoute:
+    return TcpRoute(RoundRobin([Target(b) for b in backends]))
