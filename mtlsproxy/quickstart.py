@@ -26,6 +26,7 @@ from mtlsproxy.server.proxy import Proxy
 CLIENT_NAME = "demo-player"
 CLIENT_SPIFFE_ID = "spiffe://quickstart.mtlsproxy/player/demo"
 PROXY_PORT, BACKEND_PORT, ADMIN_PORT = 8443, 8080, 9901
+TCP_PORT, TCP_BACKEND_PORT = 8444, 8081
 
 CONFIG = f"""\
 # Written by `mtlsproxy quickstart`; edit freely, it is kept on the next run.
@@ -50,6 +51,14 @@ backends = ["127.0.0.1:{BACKEND_PORT}"]
 # To narrow it down, add rules; a client is admitted when any one of them matches:
 # [[listeners.routes.allow]]
 # uri_prefix = "spiffe://quickstart.mtlsproxy/player/"
+
+# A game's own protocol over TCP: the backend first gets a PROXY protocol v2 header
+# with the client's address and identity, then the bytes.
+[[listeners]]
+listen = "127.0.0.1:{TCP_PORT}"
+mode = "tcp"
+backends = ["127.0.0.1:{TCP_BACKEND_PORT}"]
+proxy_protocol = "v2"
 """
 
 DENY = """\
@@ -122,6 +131,7 @@ def run(folder: Path) -> int:
 async def _serve(proxy: Proxy, files: QuickstartFiles) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(demo_backend.serve, "127.0.0.1", BACKEND_PORT)
+        await nursery.start(demo_backend.serve_tcp_echo, "127.0.0.1", TCP_BACKEND_PORT)
         await nursery.start(proxy.run)
         nursery.start_soon(proxy.watch_signals)
         print(instructions(files), flush=True)
@@ -138,6 +148,7 @@ def instructions(files: QuickstartFiles) -> str:
 mtlsproxy quickstart: everything lives in {rel(files.folder)}/
   proxy        {url}  (mTLS: only certificates from your CA get in)
   demo backend http://127.0.0.1:{BACKEND_PORT}  (loopback only; echoes what the proxy forwards)
+  raw TCP      127.0.0.1:{TCP_PORT} -> TCP echo 127.0.0.1:{TCP_BACKEND_PORT} (PROXY protocol v2)
   config       {rel(files.config)}
 
 With the client certificate (the backend answers with the identity it received):
@@ -152,6 +163,10 @@ From Python:
 
 Shut a client out, live connections included (applied within 2 s):
   mtlsproxy deny add --config {rel(files.config)} {crt}
+
+Raw TCP (a game protocol): the echo backend first says who you are, then echoes.
+  openssl s_client -connect 127.0.0.1:{TCP_PORT} -CAfile {ca} \\
+      -cert {crt} -cert_chain {crt} -key {key} -quiet
 
 Admin: curl http://127.0.0.1:{ADMIN_PORT}/certs   (also /metrics, /readyz; POST /reload)
 Ctrl-C stops the proxy and the backend.
