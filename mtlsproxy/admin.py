@@ -17,6 +17,7 @@ every read and write: it is an operator's tool, not a second proxy.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -32,6 +33,7 @@ from mtlsproxy.tls.store import CredentialStore, ReloadResult
 log = logging.getLogger("mtlsproxy.admin")
 
 _MAX_HEAD = 8192
+_LOOPBACK_HOST = re.compile(rb"(?:127\.\d{1,3}\.\d{1,3}\.\d{1,3}|\[::1\]|localhost)(?::\d{1,5})?")
 _DEADLINE = 10.0
 
 
@@ -55,7 +57,7 @@ class Admin:
                 request = await _read_request(conn, stream)
                 if request is None:
                     return
-                status, content_type, body = self.respond(request.method, request.target)
+                status, content_type, body = self.guarded(request)
                 headers = [
                     ("content-type", content_type),
                     ("content-length", str(len(body))),
@@ -76,6 +78,22 @@ class Admin:
             log.debug("admin: connection ended: %r", exc)
         finally:
             await stream.aclose()
+
+    def guarded(self, request: h11.Request) -> tuple[int, str, bytes]:
+        """Refuse what a browser could send, and never let a handler take the proxy down."""
+        text = "text/plain; charset=utf-8"
+        headers = {k: v for k, v in request.headers}
+        # A web page may POST to a loopback address (no preflight for a simple request)
+        # and, with DNS rebinding, read the answer. Browsers always send Origin on those
+        # and a Host that names the attacker's domain; curl, Prometheus and kubelet send
+        # neither an Origin nor a non-loopback Host.
+        if b"origin" in headers or not _LOOPBACK_HOST.fullmatch(headers.get(b"host", b"")):
+            return 403, text, b"admin requests must come from loopback tools, not a browser\n"
+        try:
+            return self.respond(request.method, request.target)
+        except Exception:
+            log.exception("admin: %s %r failed", request.method.decode(), request.target)
+            return 500, text, b"internal error; see the proxy's log\n"
 
     def respond(self, method: bytes, target: bytes) -> tuple[int, str, bytes]:
         path = target.split(b"?", 1)[0]

@@ -25,7 +25,7 @@ from mtlsproxy.pki import KEY_TYPES, CertificateAuthority, KeyType
 from mtlsproxy.pki.ca import DEFAULT_ISSUER_TTL, DEFAULT_ROOT_TTL
 from mtlsproxy.pki.describe import render, summarize
 from mtlsproxy.server.run import serve
-from mtlsproxy.server.workers import ENV_WORKER
+from mtlsproxy.server.workers import ENV_WORKER, prepare_worker
 from mtlsproxy.units import format_duration, parse_duration
 
 
@@ -142,6 +142,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if os.environ.get(ENV_WORKER) is not None:
+        prepare_worker()
     configure_logging(args.log_level)
     return serve(config.load(args.config), str(args.config), args.log_level)
 

@@ -96,6 +96,10 @@ class Route(Struct, frozen=True):
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_server_name: str | None = None  # default: the backend's host
+    # WebSocket upgrades pass to the backends of this route (else Upgrade is dropped).
+    websocket: bool = False
+    websocket_max_message: ByteSize = ByteSize(1024 * 1024)  # 0: no limit
+    websocket_idle_timeout: Duration = Duration("5m")
     connect_timeout: Duration = Duration("5s")
     read_timeout: Duration = Duration("60s")
 

@@ -6,6 +6,10 @@ added (each as a list of every value received), and, for a body, its length and 
 (so a test can check a 1 GiB upload arrived whole without the backend keeping it).
 ``GET /bytes/N`` streams N bytes back.
 
+The WebSocket echo (``serve_websocket_echo``, trio-websocket) sends one JSON message with
+the identity headers it received, accepts the first subprotocol offered, echoes every
+message, and on the message ``close <code> <reason>`` closes with that code.
+
 The TCP echo (``serve_tcp_echo``) reads the PROXY protocol v2 header the proxy sends on a
 ``proxy_protocol = "v2"`` listener, answers one JSON line with the identity it carried
 (client address, CN, SPIFFE id, fingerprint, TLS version), then echoes every byte back,
@@ -24,6 +28,7 @@ from typing import Any
 import h11
 import msgspec
 import trio
+import trio_websocket
 
 from mtlsproxy.relay import proxy_protocol
 
@@ -175,3 +180,34 @@ async def _read_proxy_header(stream: trio.SocketStream) -> tuple[dict[str, Any],
                 return {"proxy_protocol": None}, buffer
             buffer += data
     return {"proxy_protocol": None}, buffer
+
+
+async def serve_websocket_echo(
+    host: str, port: int, *, task_status: Any = trio.TASK_STATUS_IGNORED
+) -> None:
+    await trio_websocket.serve_websocket(
+        _websocket_echo, host, port, ssl_context=None, task_status=task_status
+    )
+
+
+async def _websocket_echo(request: Any) -> None:
+    offered = request.proposed_subprotocols
+    ws = await request.accept(subprotocol=offered[0] if offered else None)
+    seen: dict[str, list[str]] = {}
+    for name, value in request.headers:
+        seen.setdefault(name.decode().lower(), []).append(value.decode("latin-1"))
+    hello = {
+        "headers": {k: seen[k] for k in ECHOED_HEADERS if k in seen},
+        "subprotocol": ws.subprotocol,
+    }
+    try:
+        await ws.send_message(msgspec.json.encode(hello).decode())
+        while True:
+            message = await ws.get_message()
+            if isinstance(message, str) and message.startswith("close "):
+                _, code, reason = [*message.split(" ", 2), ""][:3]
+                await ws.aclose(int(code), reason)
+                return
+            await ws.send_message(message)
+    except trio_websocket.ConnectionClosed:
+        return

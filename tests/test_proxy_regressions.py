@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import socket
 import ssl
+import struct
 import subprocess
 from pathlib import Path
 
+import h11
+import requests
 import trio
 from proxy_env import CLIENT_TIMEOUT, parse_responses, read_request, route, serve_raw, write_config
 from support import MTLSPROXY, IssueFn, Pair
 from test_proxy_identity import leaf_sha256
 from test_proxy_relay import CountingBackend
+from test_proxy_tcp import connect, start_tcp_proxy
 
 from mtlsproxy.address import Address
 from mtlsproxy.pki import CertificateAuthority
-from mtlsproxy.server.upstream import Target, Upstream
+from mtlsproxy.server.upstream import Target, Upstream, UpstreamPool
 
 
 async def test_a_tls_route_never_gets_a_pooled_plaintext_connection(
@@ -266,3 +271,130 @@ async def test_an_early_answer_during_an_upload_says_connection_close(
     (answer,) = parse_responses(await trio.to_thread.run_sync(upload), eof=False)
     assert answer.status == 200
     assert answer.headers.get("connection") == ["close"]
+
+
+# --- second review: TCP, anchors, admin ----------------------------------------------
+
+
+async def test_a_deny_landing_during_the_handshake_applies_to_it(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    ca: CertificateAuthority,
+    server_pair: Pair,
+    client_pair: Pair,
+) -> None:
+    received: list[bytes] = []
+
+    async def records(stream: trio.SocketStream) -> None:
+        while chunk := await stream.receive_some(65536):
+            received.append(chunk)
+
+    backend = await serve_raw(nursery, records)
+    (tmp_path / "ca.crt").write_bytes((ca.folder / "ca.crt").read_bytes())
+    (tmp_path / "deny.txt").write_text("")
+    proxy, port = await start_tcp_proxy(
+        nursery, tmp_path, tmp_path / "ca.crt", server_pair, backend,
+        tls=f'deny = "{tmp_path / "deny.txt"}"',
+    )  # fmt: skip
+    raw = socket.create_connection(("127.0.0.1", port), timeout=CLIENT_TIMEOUT)
+    await trio.sleep(0.2)  # accepted, material taken; the handshake has not begun
+    (tmp_path / "deny.txt").write_text(f"sha256:{leaf_sha256(client_pair)}\n")
+    assert proxy.reload("admin").result == "swapped"
+    ctx = ssl.create_default_context(cafile=str(ca.folder / "ca.crt"))
+    ctx.load_cert_chain(client_pair.crt, client_pair.key)
+
+    def finish() -> bytes:
+        with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            with contextlib.suppress(OSError):
+                tls.sendall(b"secret")
+            try:
+                return tls.recv(100)
+            except OSError:
+                return b""
+
+    assert await trio.to_thread.run_sync(finish) == b""
+    await trio.sleep(0.2)
+    assert received == []  # not even the PROXY header
+
+
+async def test_a_backend_reset_ends_the_tcp_session_at_once(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    ca: CertificateAuthority,
+    server_pair: Pair,
+    client_pair: Pair,
+) -> None:
+    async def resets(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await stream.aclose()  # RST
+
+    backend = await serve_raw(nursery, resets)
+    _, port = await start_tcp_proxy(
+        nursery, tmp_path, ca.folder / "ca.crt", server_pair, backend, 'idle_timeout = "60s"'
+    )
+    with trio.fail_after(5):  # not the idle timeout
+        tls = await connect(port, ca, client_pair)
+        await tls.send_all(b"hello")
+        with contextlib.suppress(trio.BrokenResourceError):
+            while await tls.receive_some(65536):
+                pass
+        await tls.aclose()
+
+
+async def test_a_wrong_remembered_anchor_is_corrected_by_a_full_handshake(
+    make_env, client_pair: Pair
+) -> None:
+    env = await make_env(tls='enforce_interval = "100ms"')
+    env.proxy.store.remember_anchor(leaf_sha256(client_pair), "sha256:" + "00" * 32)
+    session = requests.Session()
+    for _ in range(3):
+        response = await trio.to_thread.run_sync(
+            lambda: session.get(
+                env.url, verify=str(env.ca_bundle),
+                cert=(str(client_pair.crt), str(client_pair.key)), timeout=10,
+            )
+        )  # fmt: skip
+        assert response.status_code == 200
+        await trio.sleep(0.3)  # enforcer passes: the session must survive them
+    session.close()
+    labels = {"listener": "127.0.0.1:0", "reason": "ca_removed"}
+    assert env.proxy.metrics.sample("mtlsproxy_sessions_closed_total", labels) == 0
+
+
+async def test_a_tcp_session_never_reuses_a_pooled_connection(nursery: trio.Nursery) -> None:
+    accepted: list[int] = []
+
+    async def server(stream: trio.SocketStream) -> None:
+        accepted.append(1)
+        await trio.sleep_forever()
+
+    port = await serve_raw(nursery, server)
+    pool = UpstreamPool()
+    target = Target(Address("127.0.0.1", port))
+    up = await pool.acquire(target, connect_timeout=5)
+    up.conn.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
+    up.conn.send(h11.EndOfMessage())
+    up.conn.receive_data(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    while up.conn.next_event() is not h11.PAUSED and up.conn.their_state is not h11.DONE:
+        pass
+    assert pool.release(up)  # idle in the pool now
+    fresh = await pool.acquire(target, connect_timeout=5, fresh=True)
+    assert fresh is not up
+    await trio.sleep(0.1)
+    assert len(accepted) == 2
+    await fresh.stream.aclose()
+    await pool.aclose()
+
+
+async def test_admin_refuses_what_a_browser_sends(make_env) -> None:
+    env = await make_env()
+
+    def post(headers: dict[str, str]) -> int:
+        return requests.post(
+            f"http://127.0.0.1:{env.admin_port}/reload", headers=headers, timeout=10
+        ).status_code
+
+    assert await trio.to_thread.run_sync(post, {}) == 200
+    assert await trio.to_thread.run_sync(post, {"Origin": "https://evil.example"}) == 403
+    assert await trio.to_thread.run_sync(post, {"Host": "evil.example"}) == 403

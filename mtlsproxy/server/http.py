@@ -64,10 +64,16 @@ from mtlsproxy.relay.framing import (
     validate_request,
     validate_response,
 )
-from mtlsproxy.relay.headers import downstream_response_headers, upstream_request_headers
+from mtlsproxy.relay.headers import (
+    downstream_response_headers,
+    is_websocket_accept,
+    is_websocket_upgrade,
+    upstream_request_headers,
+)
 from mtlsproxy.relay.responses import error_response
 from mtlsproxy.relay.routing import RoundRobin, RouteTable
 from mtlsproxy.server.upstream import ConnectFailed, Target, Upstream, UpstreamPool
+from mtlsproxy.server.websocket import relay_websocket
 from mtlsproxy.sessions import Session
 from mtlsproxy.tls.store import CredentialStore
 
@@ -100,6 +106,15 @@ class _Stale(Exception):
     """A reused keep-alive connection died before the response began: safe to retry."""
 
 
+class _Switch(Exception):
+    """The backend accepted a WebSocket upgrade: leave HTTP for the frame relay."""
+
+    def __init__(self, response: h11.InformationalResponse, rest: bytes) -> None:
+        self.response = response
+        self.rest = rest
+        super().__init__("switching protocols")
+
+
 class _ClientGone(Exception):
     """The client stopped reading or went away; nothing more can be said to it."""
 
@@ -109,6 +124,7 @@ class _Exchange:
     request: h11.Request
     route: RouteRuntime
     has_body: bool
+    websocket: bool = False  # an upgrade the route lets through
     sent_100: bool = False
     body_done: bool = False  # the whole request body went upstream
     response_started: bool = False
@@ -220,6 +236,7 @@ class HttpConnection:
             self._check_identity()
             route = self._match(request)
             exchange = _Exchange(request, route, _has_body(framing))
+            exchange.websocket = route.config.websocket and is_websocket_upgrade(request)
             self._authorize(route)
             limit = BodyLimit(self.listener.max_body_size or None, framing)
             if head.rest:  # h11 takes b"" to mean EOF
@@ -287,6 +304,24 @@ class HttpConnection:
         with trio.move_on_after(self.listener.idle_timeout.seconds), suppress(*_STREAM_ERRORS):
             await self.stream.send_all(response)
 
+    async def _websocket(
+        self, client: h11.Connection, exchange: _Exchange, up: Upstream, switch: _Switch
+    ) -> None:
+        headers = downstream_response_headers(switch.response, websocket=True)
+        exchange.response_started = True
+        exchange.status = 101
+        await self._send_client(client, h11.InformationalResponse(status_code=101, headers=headers))
+        self.session.kind = "websocket"
+        await relay_websocket(
+            self.stream,
+            up.stream,
+            client_rest=bytes(client.trailing_data[0]),
+            backend_rest=switch.rest,
+            session=self.session,
+            route=exchange.route.config,
+        )
+        self.clean_end = True
+
     def _count(self, route: str, status: int) -> None:
         self.metrics.child(
             self.metrics.requests, self.listener.label, route, f"{status // 100}xx"
@@ -299,7 +334,9 @@ class HttpConnection:
         request = exchange.request
         # We answer `Expect: 100-continue` ourselves, once a backend connection is up,
         # so the expectation must not travel on.
-        headers = upstream_request_headers(request, self.identity, self.client_ip)
+        headers = upstream_request_headers(
+            request, self.identity, self.client_ip, allow_websocket=exchange.websocket
+        )
         upstream_req = h11.Request(
             method=request.method,
             target=request.target,
@@ -315,6 +352,12 @@ class HttpConnection:
                 if attempt == STALE_RETRIES:
                     raise BadGateway("backend closed the connection") from None
                 continue
+            except _Switch as switch:
+                try:
+                    await self._websocket(client, exchange, up, switch)
+                finally:
+                    await _discard(up)
+                return
             except BaseException:
                 await _discard(up)
                 raise
@@ -504,7 +547,9 @@ class HttpConnection:
             if isinstance(event, h11.Response):
                 return event, rest
             if event.status_code == 101:
-                raise BadGateway("backend switched protocols on a plain HTTP route")
+                if exchange.websocket and is_websocket_accept(event):
+                    raise _Switch(event, rest)
+                raise BadGateway("backend switched protocols without a WebSocket upgrade")
             if event.status_code == 100 and exchange.sent_100:
                 continue
             info = h11.InformationalResponse(

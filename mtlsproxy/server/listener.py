@@ -24,7 +24,6 @@ import trio
 
 from mtlsproxy.address import Address
 from mtlsproxy.config import Listener
-from mtlsproxy.denylist import DenyList
 from mtlsproxy.identity import Identity, IdentityCache, IdentityError
 from mtlsproxy.metrics import Metrics
 from mtlsproxy.policy import denied_by, is_allowed
@@ -34,7 +33,7 @@ from mtlsproxy.server.tcp import TcpRoute, relay_tcp
 from mtlsproxy.server.upstream import UpstreamPool
 from mtlsproxy.sessions import Session, SessionRegistry
 from mtlsproxy.tls.engine import HandshakeError, TLSStream
-from mtlsproxy.tls.store import CredentialStore
+from mtlsproxy.tls.store import CredentialStore, Material
 
 log = logging.getLogger("mtlsproxy.listener")
 
@@ -127,7 +126,10 @@ async def _handshake_and_serve(
             metrics.refused(label, "bad_cert")
             log.info("listener %s: refused %s: bad_cert (%s)", label, peer, exc)
             return
-        result = _connection_check(identity, material.credentials.deny)
+        # Against the material current *now*, not at accept: a reload during the
+        # handshake (a new deny list, a CA gone) must already apply to this connection.
+        anchor = _anchor(tls, identity, shared)
+        result = _connection_check(identity, anchor, shared.store.current())
         if (
             result == "ok"
             and runtime.tcp is not None
@@ -139,12 +141,11 @@ async def _handshake_and_serve(
         metrics.child(metrics.handshakes, label, result, resumed).inc()
         if result != "ok":
             log.info("listener %s: refused %s (%s): %s", label, peer, _who(identity), result)
-            if runtime.config.mode != "http":
+            if runtime.config.mode != "http" or result not in ("expired", "denied"):
                 return
-            # HTTP clients get told why: the relay answers their first request 403.
-        session = Session(
-            label, peer, identity, runtime.config.mode, _anchor(tls, identity, shared)
-        )
+            # HTTP clients get told why: the relay, which checks expiry and the deny list
+            # on every request, answers their first request 403.
+        session = Session(label, peer, identity, runtime.config.mode, anchor)
         shared.sessions.add(session)
         try:
             with session.cancel_scope:
@@ -195,24 +196,24 @@ def _identity(tls: TLSStream, shared: Shared) -> Identity:
 
 
 def _anchor(tls: TLSStream, identity: Identity, shared: Shared) -> str | None:
-    """The root this certificate chained to: remembered per leaf, since a resumed
-    session has no verified chain and a full one need not be walked again."""
-    known = shared.store.anchor_of(identity.sha256)
-    if known is not None:
-        return known
+    """The root this certificate chained to. A full handshake says it (and refreshes
+    what we remember: a re-issued or cross-signed root changes it); a resumed session
+    has no verified chain, so it gets what was remembered for the leaf."""
     root = tls.verified_root_sha256
     if root is None:
-        return None
+        return shared.store.anchor_of(identity.sha256)
     anchor = f"sha256:{root}"
     shared.store.remember_anchor(identity.sha256, anchor)
     return anchor
 
 
-def _connection_check(identity: Identity, deny: DenyList) -> str:
+def _connection_check(identity: Identity, anchor: str | None, material: Material) -> str:
     if datetime.now(UTC) >= identity.not_after:
         return "expired"
-    if denied_by(deny, identity) is not None:
+    if denied_by(material.credentials.deny, identity) is not None:
         return "denied"
+    if anchor not in material.root_fingerprints:
+        return "unknown_ca"  # its CA left the bundle while it shook hands (or unknown)
     return "ok"
 
 

@@ -52,62 +52,74 @@ async def relay_tcp(
     pool: UpstreamPool,
     metrics: Metrics,
 ) -> None:
-    backend = await _connect(route, listener, pool, metrics, session)
-    if backend is None:
-        return
-    stream = backend.stream
-    try:
-        if listener.proxy_protocol == "v2":
-            await stream.send_all(_proxy_header(client, session))
-        idle = listener.idle_timeout.seconds
-        activity = _Activity(trio.current_time() + idle)
-        bytes_in = metrics.child(metrics.bytes, listener.label, "in")
-        bytes_out = metrics.child(metrics.bytes, listener.label, "out")
-        with trio.CancelScope() as scope:
-            # Enforcement and drains close a TCP session at once (Session.close cancels it).
-            session.idle_scope = scope
+    idle = listener.idle_timeout.seconds
+    activity = _Activity(trio.current_time() + idle, idle)
+    bytes_in = metrics.child(metrics.bytes, listener.label, "in")
+    bytes_out = metrics.child(metrics.bytes, listener.label, "out")
+    stream: Any = None
+    with trio.CancelScope() as scope:
+        # Enforcement and drains close a TCP session at once (Session.close cancels
+        # this scope): while connecting and sending the header too.
+        session.idle_scope = scope
+        try:
             if session.closing is not None:
-                scope.cancel()
+                return
+            backend = await _connect(route, listener, pool, metrics, session)
+            if backend is None or session.closing is not None:
+                return
+            stream = backend.stream
+            if listener.proxy_protocol == "v2":
+                with trio.fail_after(listener.connect_timeout.seconds):
+                    await stream.send_all(_proxy_header(client, session))
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_watch_idle, activity, idle, nursery.cancel_scope)
+                activity.stop = nursery.cancel_scope
+                nursery.start_soon(_watch_idle, activity)
                 async with trio.open_nursery() as pipes:
-                    pipes.start_soon(_pipe, client, stream, activity, idle, bytes_in)
-                    pipes.start_soon(_pipe, stream, client, activity, idle, bytes_out)
+                    pipes.start_soon(_pipe, client, stream, activity, bytes_in)
+                    pipes.start_soon(_pipe, stream, client, activity, bytes_out)
                 nursery.cancel_scope.cancel()  # both directions ended: stop the watchdog
-        if activity.idle_out:
-            log.info("tcp session of %s from %s: idle, closed", _who(session), session.peer)
-    finally:
-        session.idle_scope = None
-        with trio.move_on_after(1, shield=True), suppress(*_STREAM_ERRORS):
-            await stream.aclose()
+        except (trio.TooSlowError, *_STREAM_ERRORS) as exc:
+            log.info(
+                "tcp session of %s from %s: backend failed: %r", _who(session), session.peer, exc
+            )
+        finally:
+            session.idle_scope = None
+            if stream is not None:
+                with trio.move_on_after(1, shield=True), suppress(*_STREAM_ERRORS):
+                    await stream.aclose()
+    if activity.idle_out:
+        log.info("tcp session of %s from %s: idle, closed", _who(session), session.peer)
 
 
 @dataclass
 class _Activity:
     deadline: float
+    idle_seconds: float
+    stop: trio.CancelScope | None = None  # ends the whole session
     idle_out: bool = False
 
 
-async def _pipe(source: Any, sink: Any, activity: _Activity, idle: float, counter: Any) -> None:
-    """Copy until EOF, then pass the EOF on (half-close); errors end this direction."""
+async def _pipe(source: Any, sink: Any, activity: _Activity, counter: Any) -> None:
+    """Copy until EOF, then pass the EOF on (half-close). A reset or failure on either
+    side ends the whole session at once: a clean EOF is the only half-close."""
     try:
         while data := await source.receive_some(CHUNK):
             await sink.send_all(data)
             counter.inc(len(data))
-            activity.deadline = trio.current_time() + idle
+            activity.deadline = trio.current_time() + activity.idle_seconds
         await sink.send_eof()
     except _STREAM_ERRORS:
-        # One side is gone: nothing more can flow that way. The other direction may
-        # still drain; if it cannot either, it ends the same way.
-        return
+        assert activity.stop is not None
+        activity.stop.cancel()
 
 
-async def _watch_idle(activity: _Activity, idle: float, scope: trio.CancelScope) -> None:
+async def _watch_idle(activity: _Activity) -> None:
+    assert activity.stop is not None
     while True:
         await trio.sleep_until(activity.deadline)
         if trio.current_time() >= activity.deadline:
             activity.idle_out = True
-            scope.cancel()
+            activity.stop.cancel()
             return
 
 
@@ -117,7 +129,9 @@ async def _connect(
     candidates = [t for t in route.backends.order() if pool.is_up(t)]
     for target in candidates:
         try:
-            return await pool.acquire(target, connect_timeout=listener.connect_timeout.seconds)
+            return await pool.acquire(
+                target, connect_timeout=listener.connect_timeout.seconds, fresh=True
+            )
         except ConnectFailed as exc:
             metrics.child(metrics.upstream_connect_errors, listener.label, str(target)).inc()
             log.warning("listener %s: %s", listener.label, exc)

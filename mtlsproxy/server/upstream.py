@@ -86,10 +86,14 @@ class UpstreamPool:
     def is_up(self, backend: Target) -> bool:
         return trio.current_time() >= self._health[backend].down_until
 
-    async def acquire(self, backend: Target, *, connect_timeout: float) -> Upstream:
+    async def acquire(
+        self, backend: Target, *, connect_timeout: float, fresh: bool = False
+    ) -> Upstream:
+        """An idle keep-alive connection, or a new one; ``fresh``: always a new one (a raw
+        TCP session must never inherit a connection HTTP left in the pool)."""
         idle = self._idle[backend]
         now = trio.current_time()
-        while idle:
+        while idle and not fresh:
             up = idle.pop()  # most recently used first: the likeliest to be alive
             if now - up.idle_since < IDLE_SECONDS and up.looks_alive():
                 up.reused = True

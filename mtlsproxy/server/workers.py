@@ -17,6 +17,7 @@ Known limit: ``/metrics`` shows worker 0's numbers only.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -30,6 +31,7 @@ from types import FrameType
 log = logging.getLogger("mtlsproxy.workers")
 
 ENV_WORKER = "MTLSPROXY_WORKER"  # set in a worker's environment to its index
+ENV_SUPERVISOR = "MTLSPROXY_SUPERVISOR_PID"  # and the supervisor it may signal
 _BACKOFF_MIN, _BACKOFF_MAX = 1.0, 30.0
 _HEALTHY_AFTER = 60.0  # a worker that lived this long resets the back-off
 
@@ -67,15 +69,25 @@ def supervise(count: int, config_path: Path, log_level: str) -> int:
         signal.signal(signum, on_signal)
 
     def spawn(index: int) -> subprocess.Popen[bytes]:
-        env = dict(os.environ, **{ENV_WORKER: str(index)})
+        env = dict(os.environ, **{ENV_WORKER: str(index), ENV_SUPERVISOR: str(os.getpid())})
         command = [sys.executable, "-m", "mtlsproxy", "serve", "--config", str(config_path),
                    "--log-level", log_level]  # fmt: skip
-        return subprocess.Popen(command, env=env)  # noqa: S603 - our own interpreter and args
+        # A process group of its own: a terminal's Ctrl-C or systemd's SIGTERM to the
+        # unit reaches the workers only through us, once, so they drain instead of
+        # taking the forwarded copy as a second "stop now".
+        # SIGHUP starts out ignored (an ignored disposition survives exec): a reload
+        # forwarded while the worker is still importing must not kill it; it reads the
+        # files at start anyway, and its own receiver takes SIGHUP over once it serves.
+        return subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
+            command,
+            env=env,
+            process_group=0,
+            preexec_fn=_ignore_sighup,  # noqa: PLW1509 - the supervisor runs no threads
+        )
 
     workers = [_Worker(i, spawn(i), time.monotonic()) for i in range(count)]
     log.info("supervising %d workers: %s", count, ", ".join(str(w.proc.pid) for w in workers))
     forwarded_stop = False
-    worst = 0
     while True:
         if stopping and not forwarded_stop:
             forwarded_stop = True
@@ -98,10 +110,11 @@ def supervise(count: int, config_path: Path, log_level: str) -> int:
             if worker.restart_at is not None and now >= worker.restart_at and not stopping:
                 worker.proc = spawn(worker.index)
                 worker.started, worker.restart_at = now, None
-            if code is not None:
-                worst = max(worst, code if code > 0 else 0)
         if stopping and all(w.proc.poll() is not None for w in workers):
-            return worst
+            # The exit status of the shutdown itself: a worker killed by a signal (a
+            # negative code) is a failure too; crashes restarted earlier are not.
+            codes = [w.proc.returncode for w in workers]
+            return max((1 if c < 0 else c) for c in codes) if any(codes) else 0
         time.sleep(0.1)
 
 
@@ -111,7 +124,35 @@ def _signal_all(workers: list[_Worker], signum: int) -> None:
             worker.proc.send_signal(signum)
 
 
+def _ignore_sighup() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+def prepare_worker() -> None:
+    """First thing in a worker: survive an early SIGHUP, and die with the supervisor.
+
+    SIGHUP is ignored until the proxy's own receiver takes it over (a reload forwarded
+    while a worker starts must not kill it: it reads the files at start anyway), and on
+    Linux the kernel sends SIGTERM if the supervisor dies, so no orphan keeps serving.
+    """
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the supervisor still forwards SIGTERM
+    supervisor = os.environ.get(ENV_SUPERVISOR)
+    if supervisor is not None and os.getppid() != int(supervisor):
+        os.kill(os.getpid(), signal.SIGTERM)  # the supervisor died before prctl took
+
+
 def ask_supervisor_to_reload() -> None:
-    """From worker 0's admin reload: make every worker reload now."""
-    if worker_index() is not None:
-        os.kill(os.getppid(), signal.SIGHUP)
+    """From worker 0's admin reload: make every worker reload now. Only the supervisor
+    recorded at start is signalled, never whoever adopted an orphan."""
+    supervisor = os.environ.get(ENV_SUPERVISOR)
+    if worker_index() is None or supervisor is None or os.getppid() != int(supervisor):
+        return
+    try:
+        os.kill(int(supervisor), signal.SIGHUP)
+    except OSError as exc:
+        log.warning("cannot ask the supervisor to reload the other workers: %s", exc)

@@ -1,0 +1,123 @@
+"""WebSocket sessions after the 101: frames relayed untouched, closes the proxy's own.
+
+Why frames and not trio-websocket on both legs (DESIGN note): relaying frames keeps
+everything the two ends negotiated (subprotocol, extensions such as permessage-deflate,
+fragmentation, ping payloads, close codes and reasons) exactly as sent, costs no
+re-encoding, and needs no second WebSocket handshake towards the backend. The proxy still
+follows frame boundaries (``relay.websocket.FrameScanner``), which is all it needs for its
+own duties: the message-size limit (close 1009), enforcement (close 1008), idleness.
+
+When the proxy ends a session itself it sends a close frame to each side that is between
+frames (injecting one in the middle of a frame would corrupt the stream; that side just
+sees the connection close), then closes both connections.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from mtlsproxy.config import Route
+from mtlsproxy.relay.websocket import (
+    CLOSE_GOING_AWAY,
+    CLOSE_POLICY_VIOLATION,
+    FrameError,
+    FrameScanner,
+    close_frame,
+)
+from mtlsproxy.sessions import Session
+
+log = logging.getLogger("mtlsproxy.websocket")
+
+CHUNK = 65536
+_STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+@dataclass
+class _State:
+    deadline: float
+    idle_seconds: float
+    stop: trio.CancelScope | None = None  # ends both directions
+    error: FrameError | None = None
+    idle: bool = False
+
+
+async def relay_websocket(
+    client: Any,
+    backend: Any,
+    *,
+    client_rest: bytes,
+    backend_rest: bytes,
+    session: Session,
+    route: Route,
+) -> None:
+    limit = route.websocket_max_message or None
+    idle = route.websocket_idle_timeout.seconds
+    from_client = FrameScanner(masked=True, max_message=limit)
+    from_backend = FrameScanner(masked=False, max_message=limit)
+    state = _State(trio.current_time() + idle, idle)
+    with trio.CancelScope() as scope:
+        session.idle_scope = scope  # the enforcer and drains end the session through it
+        if session.closing is not None:
+            scope.cancel()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_watch_idle, state, idle, nursery.cancel_scope)
+            state.stop = nursery.cancel_scope
+            async with trio.open_nursery() as pipes:
+                pipes.start_soon(_pipe, client, backend, from_client, client_rest, state)
+                pipes.start_soon(_pipe, backend, client, from_backend, backend_rest, state)
+            nursery.cancel_scope.cancel()
+    session.idle_scope = None
+    if session.closing is not None:
+        code, reason = CLOSE_POLICY_VIOLATION, f"closed by the proxy: {session.closing}"
+    elif state.error is not None:
+        code, reason = state.error.code, state.error.reason
+    elif state.idle:
+        code, reason = CLOSE_GOING_AWAY, "idle timeout"
+    else:
+        return  # the ends closed it themselves
+    who = session.identity.cn or session.identity.fingerprint
+    log.info("websocket of %s from %s: closing %d (%s)", who, session.peer, code, reason)
+    with trio.move_on_after(2, shield=True):
+        if from_backend.at_boundary and not from_backend.closed:
+            with suppress(*_STREAM_ERRORS):
+                await client.send_all(close_frame(code, reason, masked=False))
+        if from_client.at_boundary and not from_client.closed:
+            with suppress(*_STREAM_ERRORS):
+                await backend.send_all(close_frame(CLOSE_GOING_AWAY, "client gone", masked=True))
+
+
+async def _pipe(source: Any, sink: Any, scanner: FrameScanner, first: bytes, state: _State) -> None:
+    assert state.stop is not None
+    try:
+        data = first
+        while True:
+            if data:
+                try:
+                    scanner.feed(data)
+                except FrameError as exc:
+                    state.error = exc
+                    state.stop.cancel()
+                    return
+                await sink.send_all(data)
+                state.deadline = trio.current_time() + state.idle_seconds
+            data = await source.receive_some(CHUNK)
+            if not data:
+                break
+        with suppress(*_STREAM_ERRORS):
+            await sink.send_eof()
+    except _STREAM_ERRORS:
+        state.stop.cancel()
+
+
+async def _watch_idle(state: _State, idle: float, scope: trio.CancelScope) -> None:
+    while True:
+        await trio.sleep_until(state.deadline)
+        if trio.current_time() >= state.deadline:
+            state.idle = True
+            scope.cancel()
+            return
