@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,7 +27,7 @@ from mtlsproxy.server.proxy import Proxy
 CLIENT_NAME = "demo-player"
 CLIENT_SPIFFE_ID = "spiffe://quickstart.mtlsproxy/player/demo"
 PROXY_PORT, BACKEND_PORT, ADMIN_PORT = 8443, 8080, 9901
-TCP_PORT, TCP_BACKEND_PORT = 8444, 8081
+TCP_PORT, TCP_BACKEND_PORT, WS_BACKEND_PORT = 8444, 8081, 8082
 
 CONFIG = f"""\
 # Written by `mtlsproxy quickstart`; edit freely, it is kept on the next run.
@@ -51,6 +52,12 @@ backends = ["127.0.0.1:{BACKEND_PORT}"]
 # To narrow it down, add rules; a client is admitted when any one of them matches:
 # [[listeners.routes.allow]]
 # uri_prefix = "spiffe://quickstart.mtlsproxy/player/"
+
+# WebSocket: /ws upgrades go to the demo WebSocket echo, identity headers included.
+[[listeners.routes]]
+path_prefix = "/ws"
+backends = ["127.0.0.1:{WS_BACKEND_PORT}"]
+websocket = true
 
 # A game's own protocol over TCP: the backend first gets a PROXY protocol v2 header
 # with the client's address and identity, then the bytes.
@@ -132,6 +139,7 @@ async def _serve(proxy: Proxy, files: QuickstartFiles) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(demo_backend.serve, "127.0.0.1", BACKEND_PORT)
         await nursery.start(demo_backend.serve_tcp_echo, "127.0.0.1", TCP_BACKEND_PORT)
+        await nursery.start(demo_backend.serve_websocket_echo, "127.0.0.1", WS_BACKEND_PORT)
         await nursery.start(proxy.run)
         nursery.start_soon(proxy.watch_signals)
         print(instructions(files), flush=True)
@@ -148,6 +156,7 @@ def instructions(files: QuickstartFiles) -> str:
 mtlsproxy quickstart: everything lives in {rel(files.folder)}/
   proxy        {url}  (mTLS: only certificates from your CA get in)
   demo backend http://127.0.0.1:{BACKEND_PORT}  (loopback only; echoes what the proxy forwards)
+  WebSocket    wss://localhost:{PROXY_PORT}/ws -> WebSocket echo 127.0.0.1:{WS_BACKEND_PORT}
   raw TCP      127.0.0.1:{TCP_PORT} -> TCP echo 127.0.0.1:{TCP_BACKEND_PORT} (PROXY protocol v2)
   config       {rel(files.config)}
 
@@ -163,6 +172,14 @@ From Python:
 
 Shut a client out, live connections included (applied within 2 s):
   mtlsproxy deny add --config {rel(files.config)} {crt}
+
+WebSocket (the echo first sends the identity headers it received):
+  {sys.executable} -c "import ssl, trio, trio_websocket as w
+ctx = ssl.create_default_context(cafile='{ca}'); ctx.load_cert_chain('{crt}', '{key}')
+async def main():
+    async with w.open_websocket_url('wss://localhost:{PROXY_PORT}/ws', ssl_context=ctx) as ws:
+        print(await ws.get_message()); await ws.send_message('hello'); print(await ws.get_message())
+trio.run(main)"
 
 Raw TCP (a game protocol): the echo backend first says who you are, then echoes.
   openssl s_client -connect 127.0.0.1:{TCP_PORT} -CAfile {ca} \\

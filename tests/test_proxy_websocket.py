@@ -246,3 +246,75 @@ async def test_without_websocket_on_the_route_the_upgrade_is_dropped(
     assert answer.startswith(b"HTTP/1.1 200 ")
     (head,) = heads
     assert b"upgrade" not in head.lower()  # neither Upgrade nor Connection: Upgrade went on
+
+
+async def test_client_close_codes_reach_the_backend(
+    make_env: Any, nursery: trio.Nursery, client_pair: Pair
+) -> None:
+    seen: list[tuple[int, str]] = []
+    done = trio.Event()
+
+    async def records_close(request: Any) -> None:
+        ws = await request.accept()
+        try:
+            while True:
+                await ws.get_message()
+        except trio_websocket.ConnectionClosed as closed:
+            seen.append((closed.reason.code, closed.reason.reason))
+            done.set()
+
+    server = await nursery.start(
+        trio_websocket.serve_websocket, records_close, "127.0.0.1", 0, None
+    )
+    env = await make_env(routes=route([server.port], "websocket = true"), backends=0)
+    with trio.fail_after(20):
+        async with trio_websocket.open_websocket_url(
+            f"wss://localhost:{env.port}/", ssl_context=client_context(env, client_pair)
+        ) as ws:
+            await ws.aclose(4003, "player quit")
+        await done.wait()
+    assert seen == [(4003, "player quit")]
+
+
+async def test_pings_keep_an_idle_session_alive_and_silence_closes_it(
+    make_env: Any, nursery: trio.Nursery, client_pair: Pair
+) -> None:
+    env = await ws_env(make_env, nursery, 'websocket_idle_timeout = "1s"')
+    with trio.fail_after(20):
+        async with trio_websocket.open_websocket_url(
+            f"wss://localhost:{env.port}/", ssl_context=client_context(env, client_pair)
+        ) as ws:
+            await ws.get_message()
+            for _ in range(6):  # 1.8 s of pings only: longer than the idle timeout
+                await ws.ping()
+                await trio.sleep(0.3)
+            await ws.send_message("still here")
+            assert await ws.get_message() == "still here"
+            start = trio.current_time()
+            with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                await ws.get_message()  # silence: the proxy closes it
+            assert closed.value.reason.code == 1001
+            assert 0.5 < trio.current_time() - start < 5
+
+
+async def test_many_concurrent_websocket_sessions(
+    make_env: Any, nursery: trio.Nursery, client_pair: Pair
+) -> None:
+    env = await ws_env(make_env, nursery)
+    ctx = client_context(env, client_pair)
+    echoed: list[str] = []
+
+    async def session(n: int) -> None:
+        async with trio_websocket.open_websocket_url(
+            f"wss://localhost:{env.port}/", ssl_context=ctx
+        ) as ws:
+            await ws.get_message()
+            for i in range(5):
+                await ws.send_message(f"{n}:{i}")
+                echoed.append(await ws.get_message())
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as sessions:
+            for n in range(30):
+                sessions.start_soon(session, n)
+    assert sorted(echoed) == sorted(f"{n}:{i}" for n in range(30) for i in range(5))
