@@ -100,6 +100,9 @@ class Route(Struct, frozen=True):
     websocket: bool = False
     websocket_max_message: ByteSize = ByteSize(1024 * 1024)  # 0: no limit
     websocket_idle_timeout: Duration = Duration("5m")
+    # "v2": each backend connection starts with a PROXY v2 header naming the client. It
+    # describes one client, so such a route never shares a connection: no pooling.
+    proxy_protocol: Literal["v2"] | None = None
     connect_timeout: Duration = Duration("5s")
     read_timeout: Duration = Duration("60s")
 

@@ -22,6 +22,7 @@ from test_proxy_tcp import connect, start_tcp_proxy
 
 from mtlsproxy.address import Address
 from mtlsproxy.pki import CertificateAuthority
+from mtlsproxy.relay import proxy_protocol as pp
 from mtlsproxy.server.upstream import Target, Upstream, UpstreamPool
 
 
@@ -398,3 +399,28 @@ async def test_admin_refuses_what_a_browser_sends(make_env) -> None:
     assert await trio.to_thread.run_sync(post, {}) == 200
     assert await trio.to_thread.run_sync(post, {"Origin": "https://evil.example"}) == 403
     assert await trio.to_thread.run_sync(post, {"Host": "evil.example"}) == 403
+
+
+async def test_a_route_with_proxy_protocol_sends_the_header_on_private_connections(
+    make_env, nursery: trio.Nursery, client_pair: Pair
+) -> None:
+    connections: list[str] = []
+
+    async def reads_header(stream: trio.SocketStream) -> None:
+        data = b""
+        while (parsed := pp.parse(data)) is None:
+            data += await stream.receive_some(65536)
+        header, rest = parsed
+        connections.append(header.ssl_sub[pp.PP2_SUBTYPE_SSL_CN].decode())
+        while b"\r\n\r\n" not in rest:
+            rest += await stream.receive_some(65536)
+        cn = connections[-1].encode()
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(cn), cn))
+        await trio.sleep(5)  # keeps the connection open: the proxy must not reuse it
+
+    port = await serve_raw(nursery, reads_header)
+    env = await make_env(routes=route([port], 'proxy_protocol = "v2"'), backends=0)
+    for _ in range(2):
+        response = await env.request("GET", "/")
+        assert response.status_code == 200 and response.text == "player-1"
+    assert connections == ["player-1", "player-1"]  # a fresh connection, a header, each time

@@ -94,7 +94,7 @@ def test_close_frames() -> None:
 # --- through the proxy -------------------------------------------------------------------
 
 
-async def ws_env(make_env: Any, nursery: trio.Nursery, extra: str = "") -> Any:
+async def ws_env(make_env: Any, nursery: trio.Nursery, extra: str = "", tls: str = "") -> Any:
     server = await nursery.start(demo_backend.serve_websocket_echo, "127.0.0.1", 0)
     port = server.port
     routes = f"""[[listeners.routes]]
@@ -103,7 +103,7 @@ backends = ["127.0.0.1:{port}"]
 websocket = true
 {extra}
 """
-    return await make_env(routes=routes, backends=0, tls='enforce_interval = "200ms"')
+    return await make_env(routes=routes, backends=0, tls=f'enforce_interval = "200ms"\n{tls}')
 
 
 def client_context(env: Any, pair: Pair) -> ssl.SSLContext:
@@ -318,3 +318,23 @@ async def test_many_concurrent_websocket_sessions(
             for n in range(30):
                 sessions.start_soon(session, n)
     assert sorted(echoed) == sorted(f"{n}:{i}" for n in range(30) for i in range(5))
+
+
+async def test_a_denied_identity_gets_1008(
+    make_env: Any, nursery: trio.Nursery, client_pair: Pair, tmp_path: Path
+) -> None:
+    deny = tmp_path / "deny.txt"
+    deny.write_text("")
+    env = await ws_env(make_env, nursery, tls=f'deny = "{deny}"')
+    with trio.fail_after(20):
+        async with trio_websocket.open_websocket_url(
+            f"wss://localhost:{env.port}/", ssl_context=client_context(env, client_pair)
+        ) as ws:
+            await ws.get_message()
+            deny.write_text(f"sha256:{leaf_sha256(client_pair)}\n")
+            assert env.proxy.reload("admin").result == "swapped"
+            with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                while True:
+                    await ws.get_message()
+            assert closed.value.reason.code == 1008
+            assert "denied" in (closed.value.reason.reason or "")

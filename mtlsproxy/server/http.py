@@ -72,9 +72,11 @@ from mtlsproxy.relay.headers import (
 )
 from mtlsproxy.relay.responses import error_response
 from mtlsproxy.relay.routing import RoundRobin, RouteTable
+from mtlsproxy.server.tcp import proxy_header
 from mtlsproxy.server.upstream import ConnectFailed, Target, Upstream, UpstreamPool
 from mtlsproxy.server.websocket import relay_websocket
 from mtlsproxy.sessions import Session
+from mtlsproxy.tls.engine import TLSStream
 from mtlsproxy.tls.store import CredentialStore
 
 log = logging.getLogger("mtlsproxy.http")
@@ -134,7 +136,7 @@ class _Exchange:
 class HttpConnection:
     def __init__(
         self,
-        stream: trio.abc.Stream,
+        stream: TLSStream,
         *,
         session: Session,
         listener: Listener,
@@ -372,16 +374,27 @@ class HttpConnection:
         candidates = [b for b in route.backends.order() if self.pool.is_up(b)]
         if not candidates:
             raise ServiceUnavailable("no healthy backend")
+        header = route.config.proxy_protocol == "v2"
         for backend in candidates:
             try:
-                return await self.pool.acquire(
-                    backend, connect_timeout=route.config.connect_timeout.seconds
+                up = await self.pool.acquire(
+                    backend, connect_timeout=route.config.connect_timeout.seconds, fresh=header
                 )
             except ConnectFailed as exc:
                 self.metrics.child(
                     self.metrics.upstream_connect_errors, route.label, str(backend)
                 ).inc()
                 log.warning("route %s: %s", route.label, exc)
+                continue
+            if header:
+                up.private = True  # never pooled: the header names this client only
+                try:
+                    with trio.fail_after(route.config.connect_timeout.seconds):
+                        await up.stream.send_all(proxy_header(self.stream, self.session))
+                except (trio.TooSlowError, *_STREAM_ERRORS) as exc:
+                    await _discard(up)
+                    raise BadGateway("backend connection failed") from exc
+            return up
         raise BadGateway("no backend answered")
 
     async def _exchange(

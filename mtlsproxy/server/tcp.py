@@ -70,7 +70,7 @@ async def relay_tcp(
             stream = backend.stream
             if listener.proxy_protocol == "v2":
                 with trio.fail_after(listener.connect_timeout.seconds):
-                    await stream.send_all(_proxy_header(client, session))
+                    await stream.send_all(proxy_header(client, session))
             async with trio.open_nursery() as nursery:
                 activity.stop = nursery.cancel_scope
                 nursery.start_soon(_watch_idle, activity)
@@ -144,7 +144,8 @@ async def _connect(
     return None
 
 
-def _proxy_header(client: TLSStream, session: Session) -> bytes:
+def proxy_header(client: TLSStream, session: Session) -> bytes:
+    """The PROXY v2 header for this client connection: addresses and identity TLVs."""
     identity = session.identity
     tlvs = proxy_protocol.ssl_tlv(
         tls_version=client.tls_version, cn=identity.cn, resumed=client.session_reused

@@ -60,6 +60,7 @@ class Upstream:
     conn: h11.Connection = field(default_factory=lambda: h11.Connection(h11.CLIENT))
     reused: bool = False
     idle_since: float = 0.0
+    private: bool = False  # carries one client's PROXY header: never back to the pool
 
     def looks_alive(self) -> bool:
         # poll, not select: select() cannot take a descriptor above 1023, and a busy
@@ -137,7 +138,7 @@ class UpstreamPool:
     def release(self, up: Upstream) -> bool:
         """Keep ``up`` for reuse if its exchange ended cleanly; False means: close it."""
         conn = up.conn
-        if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+        if up.private or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
             return False
         data, closed = conn.trailing_data
         if data or closed:
