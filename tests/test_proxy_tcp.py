@@ -331,3 +331,28 @@ async def test_many_concurrent_sessions(
                 sessions.start_soon(session, n)
     assert len(results) == 50
     assert all(r.startswith(b"session ") for r in results)
+
+
+async def test_a_tcp_session_survives_a_reload(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    ca: CertificateAuthority,
+    server_pair: Pair,
+    client_pair: Pair,
+) -> None:
+    listeners = await nursery.start(demo_backend.serve_tcp_echo, "127.0.0.1", 0)
+    backend = listeners[0].socket.getsockname()[1]
+    (tmp_path / "deny.txt").write_text("")
+    proxy, port = await start_tcp_proxy(
+        nursery, tmp_path, ca.folder / "ca.crt", server_pair, backend,
+        tls=f'deny = "{tmp_path / "deny.txt"}"',
+    )  # fmt: skip
+    with trio.fail_after(15):
+        tls = await connect(port, ca, client_pair)
+        await read_line(tls)
+        (tmp_path / "deny.txt").write_text("cn:somebody-else\n")
+        assert proxy.reload("admin").result == "swapped"
+        await trio.sleep(0.5)  # enforcer passes
+        await tls.send_all(b"still here\n")
+        assert await read_line(tls) == b"still here\n"
+        await tls.aclose()

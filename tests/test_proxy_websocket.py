@@ -338,3 +338,21 @@ async def test_a_denied_identity_gets_1008(
                     await ws.get_message()
             assert closed.value.reason.code == 1008
             assert "denied" in (closed.value.reason.reason or "")
+
+
+async def test_a_websocket_survives_a_reload(
+    make_env: Any, nursery: trio.Nursery, client_pair: Pair, tmp_path: Path
+) -> None:
+    deny = tmp_path / "deny.txt"
+    deny.write_text("")
+    env = await ws_env(make_env, nursery, tls=f'deny = "{deny}"')
+    with trio.fail_after(20):
+        async with trio_websocket.open_websocket_url(
+            f"wss://localhost:{env.port}/", ssl_context=client_context(env, client_pair)
+        ) as ws:
+            await ws.get_message()
+            deny.write_text("cn:somebody-else\n")
+            assert env.proxy.reload("admin").result == "swapped"
+            await trio.sleep(0.5)  # enforcer passes
+            await ws.send_message("after the reload")
+            assert await ws.get_message() == "after the reload"

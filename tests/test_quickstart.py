@@ -64,6 +64,32 @@ def test_quickstart_serves_until_ctrl_c(tmp_path: Path) -> None:
             )  # fmt: skip
             assert "certificate required" in refused.stderr
             assert "requests.get(" in text
+            # The raw TCP command, as printed (joined over its continuation line).
+            tcp_line = next(i for i, x in enumerate(lines) if "openssl s_client" in x)
+            tcp = (lines[tcp_line].rstrip(" \\\n") + " " + lines[tcp_line + 1]).split()
+            # -quiet implies -ign_eof: end at our stdin's EOF, sent once the echo is back.
+            with subprocess.Popen(
+                [*tcp, "-no_ign_eof"], cwd=tmp_path, text=True,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            ) as client:  # fmt: skip
+                assert client.stdin is not None and client.stdout is not None
+                client.stdin.write("over tcp\n")
+                client.stdin.flush()
+                time.sleep(2)
+                client.stdin.close()
+                tcp_out = client.stdout.read()
+                client.wait(timeout=30)
+            assert '"proxy_protocol":"v2"' in tcp_out and "over tcp" in tcp_out
+            # The WebSocket snippet, as printed.
+            start = text.index("WebSocket (the echo")
+            snippet = text[start:].split("\n", 1)[1]
+            snippet = snippet[: snippet.index('trio.run(main)"') + len('trio.run(main)"')].strip()
+            exe, _, code = snippet.partition(' -c "')
+            ws = subprocess.run(
+                [exe, "-c", code[:-1]], cwd=tmp_path, capture_output=True, text=True,
+                timeout=30, check=False,
+            )  # fmt: skip
+            assert "x-forwarded-client-cert" in ws.stdout and "hello" in ws.stdout, ws.stderr
             proc.send_signal(signal.SIGINT)
             assert proc.wait(timeout=30) == 0
         finally:
