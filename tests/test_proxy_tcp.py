@@ -76,6 +76,14 @@ def test_parse_waits_for_more_and_refuses_garbage() -> None:
 # --- through the proxy ------------------------------------------------------------------
 
 
+@pytest.fixture
+async def echo_port(nursery: trio.Nursery) -> int:
+    """The demo backend's TCP echo (reads the PROXY header, answers the identity)."""
+    listeners = await nursery.start(demo_backend.serve_tcp_echo, "127.0.0.1", 0)
+    port: int = listeners[0].socket.getsockname()[1]
+    return port
+
+
 async def start_tcp_proxy(
     nursery: trio.Nursery,
     folder: Path,
@@ -134,13 +142,13 @@ async def read_line(stream: Any) -> bytes:
 
 async def test_echo_with_the_identity_in_proxy_v2(
     nursery: trio.Nursery,
+    echo_port: int,
     tmp_path: Path,
     ca: CertificateAuthority,
     server_pair: Pair,
     client_pair: Pair,
 ) -> None:
-    listeners = await nursery.start(demo_backend.serve_tcp_echo, "127.0.0.1", 0)
-    backend = listeners[0].socket.getsockname()[1]
+    backend = echo_port
     _, port = await start_tcp_proxy(nursery, tmp_path, ca.folder / "ca.crt", server_pair, backend)
     with trio.fail_after(15):
         tls = await connect(port, ca, client_pair)
@@ -230,13 +238,13 @@ async def test_half_close_both_ways(
 
 async def test_idle_sessions_close(
     nursery: trio.Nursery,
+    echo_port: int,
     tmp_path: Path,
     ca: CertificateAuthority,
     server_pair: Pair,
     client_pair: Pair,
 ) -> None:
-    listeners = await nursery.start(demo_backend.serve_tcp_echo, "127.0.0.1", 0)
-    backend = listeners[0].socket.getsockname()[1]
+    backend = echo_port
     _, port = await start_tcp_proxy(
         nursery, tmp_path, ca.folder / "ca.crt", server_pair, backend, 'idle_timeout = "500ms"'
     )
@@ -252,13 +260,13 @@ async def test_idle_sessions_close(
 
 async def test_allow_rules_on_a_tcp_listener(
     nursery: trio.Nursery,
+    echo_port: int,
     tmp_path: Path,
     ca: CertificateAuthority,
     server_pair: Pair,
     issue: IssueFn,
 ) -> None:
-    listeners = await nursery.start(demo_backend.serve_tcp_echo, "127.0.0.1", 0)
-    backend = listeners[0].socket.getsockname()[1]
+    backend = echo_port
     proxy, port = await start_tcp_proxy(
         nursery, tmp_path, ca.folder / "ca.crt", server_pair, backend,
         '[[listeners.allow]]\nou = "game-servers"',
@@ -278,13 +286,13 @@ async def test_allow_rules_on_a_tcp_listener(
 
 async def test_a_denied_identity_loses_its_tcp_session(
     nursery: trio.Nursery,
+    echo_port: int,
     tmp_path: Path,
     ca: CertificateAuthority,
     server_pair: Pair,
     client_pair: Pair,
 ) -> None:
-    listeners = await nursery.start(demo_backend.serve_tcp_echo, "127.0.0.1", 0)
-    backend = listeners[0].socket.getsockname()[1]
+    backend = echo_port
     shutil.copy(ca.folder / "ca.crt", tmp_path / "ca.crt")
     (tmp_path / "deny.txt").write_text("")
     proxy, port = await start_tcp_proxy(
@@ -304,13 +312,13 @@ async def test_a_denied_identity_loses_its_tcp_session(
 
 async def test_many_concurrent_sessions(
     nursery: trio.Nursery,
+    echo_port: int,
     tmp_path: Path,
     ca: CertificateAuthority,
     server_pair: Pair,
     client_pair: Pair,
 ) -> None:
-    listeners = await nursery.start(demo_backend.serve_tcp_echo, "127.0.0.1", 0)
-    backend = listeners[0].socket.getsockname()[1]
+    backend = echo_port
     _, port = await start_tcp_proxy(nursery, tmp_path, ca.folder / "ca.crt", server_pair, backend)
     results: list[bytes] = []
 
@@ -335,13 +343,13 @@ async def test_many_concurrent_sessions(
 
 async def test_a_tcp_session_survives_a_reload(
     nursery: trio.Nursery,
+    echo_port: int,
     tmp_path: Path,
     ca: CertificateAuthority,
     server_pair: Pair,
     client_pair: Pair,
 ) -> None:
-    listeners = await nursery.start(demo_backend.serve_tcp_echo, "127.0.0.1", 0)
-    backend = listeners[0].socket.getsockname()[1]
+    backend = echo_port
     (tmp_path / "deny.txt").write_text("")
     proxy, port = await start_tcp_proxy(
         nursery, tmp_path, ca.folder / "ca.crt", server_pair, backend,
