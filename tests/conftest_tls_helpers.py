@@ -1,19 +1,21 @@
 """Helpers for TLS tests: certificates, a TLSStream echo server, and real clients.
 
-Certificates are built with ``cryptography`` directly: root CA -> issuing CA -> leaves,
-plus the odd ones the tests need (expired, serverAuth-only EKU, another CA). Temporary
-until ``mtlsproxy.pki`` can issue these shapes itself.
+Certificates come from the project's own CA (``mtlsproxy.pki``): root -> issuing CA ->
+leaves, including the odd ones the tests need (expired, not yet valid, serverAuth-only
+EKU, another CA).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 import math
+import shutil
 import socket
 import ssl
 import subprocess
+import tempfile
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -22,11 +24,13 @@ from pathlib import Path
 
 import trio
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import hashes
+from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 
+from mtlsproxy.pem import PrivateKey, certificate_pem, private_key_pem
+from mtlsproxy.pki import CertificateAuthority
+from mtlsproxy.pki.ca import BACKDATE
 from mtlsproxy.tls.context import build_client_context, build_server_context
 from mtlsproxy.tls.engine import HandshakeError, TLSStream
 
@@ -35,14 +39,10 @@ Handler = Callable[[TLSStream], Awaitable[None]]
 NOW = dt.datetime.now(dt.UTC)
 
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
 @dataclass
 class Leaf:
     cert: x509.Certificate
-    key: ec.EllipticCurvePrivateKey
+    key: PrivateKey
     chain: list[x509.Certificate]  # intermediates, never the root
 
     @property
@@ -51,80 +51,42 @@ class Leaf:
 
     def write(self, folder: Path, stem: str) -> tuple[Path, Path]:
         crt, key = folder / f"{stem}.crt", folder / f"{stem}.key"
-        crt.write_bytes(
-            b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.cert_chain)
-        )
-        key.write_bytes(
-            self.key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
+        crt.write_bytes(b"".join(certificate_pem(c) for c in self.cert_chain))
+        key.write_bytes(private_key_pem(self.key))
         return crt, key
 
 
 @dataclass
 class PrivateCA:
-    """A root and an issuing intermediate, like ``mtlsproxy ca init`` makes."""
+    """The project's own CA (``mtlsproxy.pki``), with the small interface these tests use:
+    leaves given by their validity window, including expired and not-yet-valid ones."""
 
     name: str = "Test"
-    root_key: ec.EllipticCurvePrivateKey = field(init=False)
-    root: x509.Certificate = field(init=False)
-    inter_key: ec.EllipticCurvePrivateKey = field(init=False)
-    inter: x509.Certificate = field(init=False)
+    _ca: CertificateAuthority = field(init=False)
 
     def __post_init__(self) -> None:
-        self.root_key = ec.generate_private_key(ec.SECP256R1())
-        self.root = self._ca_cert(
-            f"{self.name} Root", self.root_key, f"{self.name} Root", self.root_key, 1
-        )
-        self.inter_key = ec.generate_private_key(ec.SECP256R1())
-        self.inter = self._ca_cert(
-            f"{self.name} Issuing", self.inter_key, f"{self.name} Root", self.root_key, 0
-        )
+        folder = Path(tempfile.mkdtemp(prefix="tls-engine-ca-"))
+        weakref.finalize(self, shutil.rmtree, folder, True)
+        self._ca = CertificateAuthority.init(folder / "ca", name=self.name)
 
-    @staticmethod
-    def _ca_cert(
-        cn: str,
-        key: ec.EllipticCurvePrivateKey,
-        issuer_cn: str,
-        issuer_key: ec.EllipticCurvePrivateKey,
-        path_length: int,
-    ) -> x509.Certificate:
-        return (
-            x509.CertificateBuilder()
-            .subject_name(_name(cn))
-            .issuer_name(_name(issuer_cn))
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(NOW - dt.timedelta(days=1))
-            .not_valid_after(NOW + dt.timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                True,
-            )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-            .sign(issuer_key, hashes.SHA256())
-        )
+    @property
+    def root(self) -> x509.Certificate:
+        return self._ca.root
+
+    @property
+    def inter(self) -> x509.Certificate:
+        return self._ca.issuer
+
+    @property
+    def root_cn(self) -> str:
+        return str(self.root.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
 
     @property
     def bundle(self) -> list[x509.Certificate]:
         return [self.root]
 
     def bundle_pem(self) -> bytes:
-        return self.root.public_bytes(serialization.Encoding.PEM)
+        return certificate_pem(self.root)
 
     def issue(
         self,
@@ -136,32 +98,14 @@ class PrivateCA:
         not_before: dt.datetime | None = None,
         not_after: dt.datetime | None = None,
     ) -> Leaf:
-        key = ec.generate_private_key(ec.SECP256R1())
-        eku = {
-            "client": [ExtendedKeyUsageOID.CLIENT_AUTH],
-            "server": [ExtendedKeyUsageOID.SERVER_AUTH],
-        }[kind]
-        sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns or []]
-        sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips or []]
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(_name(cn))
-            .issuer_name(self.inter.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(not_before or NOW - dt.timedelta(minutes=5))
-            .not_valid_after(not_after or NOW + dt.timedelta(hours=24))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
-            .add_extension(x509.ExtendedKeyUsage(eku), False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.inter_key.public_key()),
-                False,
-            )
-        )
-        if sans:
-            builder = builder.add_extension(x509.SubjectAlternativeName(sans), False)
-        cert = builder.sign(self.inter_key, hashes.SHA256())
-        return Leaf(cert=cert, key=key, chain=[self.inter])
+        # The CA backdates not_before by BACKDATE; ``now`` places the window as asked.
+        now = not_before + BACKDATE if not_before else NOW
+        ttl = not_after - now if not_after else dt.timedelta(hours=24)
+        issued = self._ca.issue(
+            kind="server" if kind == "server" else "client",
+            name=cn, dns=dns or [], ips=ips or [], ttl=ttl, now=now,
+        )  # fmt: skip
+        return Leaf(cert=issued.certificate, key=issued.key, chain=list(issued.chain))
 
 
 # ---- material ----------------------------------------------------------------------
