@@ -60,6 +60,11 @@ class Identity(msgspec.Struct, frozen=True, kw_only=True):
     not_after: datetime
 
     @property
+    def name(self) -> str:
+        """How logs name this identity: its SPIFFE id, else its CN, else its fingerprint."""
+        return self.spiffe_id or self.cn or self.fingerprint
+
+    @property
     def fingerprint(self) -> str:
         """The form the deny list and ``ca show`` use: ``sha256:<hex>``."""
         return f"sha256:{self.sha256}"

@@ -92,13 +92,20 @@ class SessionRegistry:
 
 def verdict(session: Session, material: Material, now: datetime) -> str | None:
     """Why ``session`` must close now (``expired``, ``denied``, ``ca_removed``), or None."""
-    if now >= session.identity.not_after:
+    return identity_verdict(session.identity, session.anchor, material, now)
+
+
+def identity_verdict(
+    identity: Identity, anchor: str | None, material: Material, now: datetime
+) -> str | None:
+    """The one rule, for a new connection and a live session alike."""
+    if now >= identity.not_after:
         return "expired"
-    if denied_by(material.credentials.deny, session.identity) is not None:
+    if denied_by(material.credentials.deny, identity) is not None:
         return "denied"
-    # An unknown anchor fails closed: if we cannot say which CA vouched for a session,
-    # it does not outlive a change of the bundle.
-    if session.anchor not in material.root_fingerprints:
+    # An unknown anchor fails closed: if we cannot say which CA vouched for a
+    # certificate, it does not outlive a change of the bundle.
+    if anchor not in material.root_fingerprints:
         return "ca_removed"
     return None
 
@@ -135,7 +142,7 @@ class Enforcer:
                 continue
             log.warning(
                 "closing session of %s from %s on %s: %s",
-                session.identity.spiffe_id or session.identity.cn or session.identity.fingerprint,
+                session.identity.name,
                 session.peer,
                 session.listener,
                 reason,

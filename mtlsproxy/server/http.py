@@ -73,7 +73,7 @@ from mtlsproxy.relay.headers import (
 from mtlsproxy.relay.responses import error_response
 from mtlsproxy.relay.routing import RoundRobin, RouteTable
 from mtlsproxy.server.tcp import proxy_header
-from mtlsproxy.server.upstream import ConnectFailed, Target, Upstream, UpstreamPool
+from mtlsproxy.server.upstream import ConnectFailed, Target, Upstream, UpstreamPool, discard
 from mtlsproxy.server.websocket import relay_websocket
 from mtlsproxy.sessions import Session
 from mtlsproxy.tls.engine import TLSStream
@@ -350,7 +350,7 @@ class HttpConnection:
             try:
                 await self._exchange(client, exchange, up, upstream_req, limit)
             except _Stale:
-                await _discard(up)
+                await discard(up)
                 if attempt == STALE_RETRIES:
                     raise BadGateway("backend closed the connection") from None
                 continue
@@ -358,16 +358,16 @@ class HttpConnection:
                 try:
                     await self._websocket(client, exchange, up, switch)
                 finally:
-                    await _discard(up)
+                    await discard(up)
                 return
             except BaseException:
-                await _discard(up)
+                await discard(up)
                 raise
             self.metrics.child(self.metrics.upstream_seconds, route.label).observe(
                 trio.current_time() - started
             )
             if not self.pool.release(up):
-                await _discard(up)
+                await discard(up)
             return
 
     async def _connect(self, route: RouteRuntime) -> Upstream:
@@ -392,7 +392,7 @@ class HttpConnection:
                     with trio.fail_after(route.config.connect_timeout.seconds):
                         await up.stream.send_all(proxy_header(self.stream, self.session))
                 except (trio.TooSlowError, *_STREAM_ERRORS) as exc:
-                    await _discard(up)
+                    await discard(up)
                     raise BadGateway("backend connection failed") from exc
             return up
         raise BadGateway("no backend answered")
@@ -628,8 +628,3 @@ class HttpConnection:
 
 def _has_body(framing: Framing) -> bool:
     return framing.chunked or bool(framing.content_length)
-
-
-async def _discard(up: Upstream) -> None:
-    with trio.move_on_after(1, shield=True), suppress(*_STREAM_ERRORS, OSError):
-        await up.stream.aclose()

@@ -26,12 +26,12 @@ from mtlsproxy.address import Address
 from mtlsproxy.config import Listener
 from mtlsproxy.identity import Identity, IdentityCache, IdentityError
 from mtlsproxy.metrics import Metrics
-from mtlsproxy.policy import denied_by, is_allowed
+from mtlsproxy.policy import is_allowed
 from mtlsproxy.relay.routing import RouteTable
 from mtlsproxy.server.http import HttpConnection, RouteRuntime
 from mtlsproxy.server.tcp import TcpRoute, relay_tcp
 from mtlsproxy.server.upstream import UpstreamPool
-from mtlsproxy.sessions import Session, SessionRegistry
+from mtlsproxy.sessions import Session, SessionRegistry, identity_verdict
 from mtlsproxy.tls.engine import HandshakeError, TLSStream
 from mtlsproxy.tls.store import CredentialStore, Material
 
@@ -128,8 +128,11 @@ async def _handshake_and_serve(
             return
         # Against the material current *now*, not at accept: a reload during the
         # handshake (a new deny list, a CA gone) must already apply to this connection.
-        anchor = _anchor(tls, identity, shared)
-        result = _connection_check(identity, anchor, shared.store.current())
+        material = shared.store.current()
+        anchor = _anchor(tls, identity, shared, material)
+        # "ca_removed" of a live session is, for a new connection, an unknown CA.
+        found = identity_verdict(identity, anchor, material, datetime.now(UTC))
+        result = "unknown_ca" if found == "ca_removed" else found or "ok"
         if (
             result == "ok"
             and runtime.tcp is not None
@@ -140,7 +143,7 @@ async def _handshake_and_serve(
         resumed = "true" if tls.session_reused else "false"
         metrics.child(metrics.handshakes, label, result, resumed).inc()
         if result != "ok":
-            log.info("listener %s: refused %s (%s): %s", label, peer, _who(identity), result)
+            log.info("listener %s: refused %s (%s): %s", label, peer, identity.name, result)
             if runtime.config.mode != "http" or result not in ("expired", "denied"):
                 return
             # HTTP clients get told why: the relay, which checks expiry and the deny list
@@ -149,29 +152,7 @@ async def _handshake_and_serve(
         shared.sessions.add(session)
         try:
             with session.cancel_scope:
-                if runtime.tcp is not None:
-                    await relay_tcp(
-                        tls,
-                        session=session,
-                        listener=runtime.config,
-                        route=runtime.tcp,
-                        pool=shared.pool,
-                        metrics=metrics,
-                    )
-                    return
-                assert runtime.routes is not None
-                http = HttpConnection(
-                    tls,
-                    session=session,
-                    listener=runtime.config,
-                    routes=runtime.routes,
-                    pool=shared.pool,
-                    store=shared.store,
-                    metrics=metrics,
-                    client_ip=peer.rsplit(":", 1)[0].strip("[]"),
-                )
-                await http.run()
-                clean = http.clean_end
+                clean = await _serve(runtime, tls, session, shared)
         finally:
             shared.sessions.remove(session)
     finally:
@@ -180,6 +161,35 @@ async def _handshake_and_serve(
                 await tls.aclose()
         else:
             await lingering_close(tls)
+
+
+async def _serve(
+    runtime: ListenerRuntime, tls: TLSStream, session: Session, shared: Shared
+) -> bool:
+    """Hand the connection to its protocol; True when it ended with nothing unread."""
+    if runtime.tcp is not None:
+        await relay_tcp(
+            tls,
+            session=session,
+            listener=runtime.config,
+            route=runtime.tcp,
+            pool=shared.pool,
+            metrics=shared.metrics,
+        )
+        return False
+    assert runtime.routes is not None
+    http = HttpConnection(
+        tls,
+        session=session,
+        listener=runtime.config,
+        routes=runtime.routes,
+        pool=shared.pool,
+        store=shared.store,
+        metrics=shared.metrics,
+        client_ip=session.peer.rsplit(":", 1)[0].strip("[]"),
+    )
+    await http.run()
+    return http.clean_end
 
 
 def _identity(tls: TLSStream, shared: Shared) -> Identity:
@@ -195,30 +205,21 @@ def _identity(tls: TLSStream, shared: Shared) -> Identity:
     return identity
 
 
-def _anchor(tls: TLSStream, identity: Identity, shared: Shared) -> str | None:
-    """The root this certificate chained to. A full handshake says it (and refreshes
-    what we remember: a re-issued or cross-signed root changes it); a resumed session
-    has no verified chain, so it gets what was remembered for the leaf."""
+def _anchor(tls: TLSStream, identity: Identity, shared: Shared, material: Material) -> str | None:
+    """The root this certificate chained to. What we remember for the leaf is used while
+    that root is still in the bundle (a resumed session has no verified chain anyway);
+    otherwise a full handshake's verified chain says it and refreshes the memory (a
+    re-issued or cross-signed root). So the chain is walked once per leaf, not per
+    connection."""
+    known = shared.store.anchor_of(identity.sha256)
+    if known in material.root_fingerprints:
+        return known
     root = tls.verified_root_sha256
     if root is None:
-        return shared.store.anchor_of(identity.sha256)
+        return known
     anchor = f"sha256:{root}"
     shared.store.remember_anchor(identity.sha256, anchor)
     return anchor
-
-
-def _connection_check(identity: Identity, anchor: str | None, material: Material) -> str:
-    if datetime.now(UTC) >= identity.not_after:
-        return "expired"
-    if denied_by(material.credentials.deny, identity) is not None:
-        return "denied"
-    if anchor not in material.root_fingerprints:
-        return "unknown_ca"  # its CA left the bundle while it shook hands (or unknown)
-    return "ok"
-
-
-def _who(identity: Identity) -> str:
-    return identity.spiffe_id or identity.cn or identity.fingerprint
 
 
 def _peer(stream: trio.SocketStream) -> str:

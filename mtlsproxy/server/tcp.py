@@ -28,6 +28,7 @@ from mtlsproxy.config import Listener
 from mtlsproxy.metrics import Metrics
 from mtlsproxy.relay import proxy_protocol
 from mtlsproxy.relay.routing import RoundRobin
+from mtlsproxy.server.idle import IdleClock
 from mtlsproxy.server.upstream import ConnectFailed, Target, UpstreamPool
 from mtlsproxy.sessions import Session
 from mtlsproxy.tls.engine import TLSStream
@@ -52,8 +53,7 @@ async def relay_tcp(
     pool: UpstreamPool,
     metrics: Metrics,
 ) -> None:
-    idle = listener.idle_timeout.seconds
-    activity = _Activity(trio.current_time() + idle, idle)
+    idle = IdleClock(listener.idle_timeout.seconds)
     bytes_in = metrics.child(metrics.bytes, listener.label, "in")
     bytes_out = metrics.child(metrics.bytes, listener.label, "out")
     stream: Any = None
@@ -72,55 +72,40 @@ async def relay_tcp(
                 with trio.fail_after(listener.connect_timeout.seconds):
                     await stream.send_all(proxy_header(client, session))
             async with trio.open_nursery() as nursery:
-                activity.stop = nursery.cancel_scope
-                nursery.start_soon(_watch_idle, activity)
+                nursery.start_soon(idle.watch, nursery.cancel_scope)
                 async with trio.open_nursery() as pipes:
-                    pipes.start_soon(_pipe, client, stream, activity, bytes_in)
-                    pipes.start_soon(_pipe, stream, client, activity, bytes_out)
+                    pipes.start_soon(_pipe, client, stream, idle, nursery.cancel_scope, bytes_in)
+                    pipes.start_soon(_pipe, stream, client, idle, nursery.cancel_scope, bytes_out)
                 nursery.cancel_scope.cancel()  # both directions ended: stop the watchdog
         except (trio.TooSlowError, *_STREAM_ERRORS) as exc:
             log.info(
-                "tcp session of %s from %s: backend failed: %r", _who(session), session.peer, exc
+                "tcp session of %s from %s: backend failed: %r",
+                session.identity.name,
+                session.peer,
+                exc,
             )
         finally:
             session.idle_scope = None
             if stream is not None:
                 with trio.move_on_after(1, shield=True), suppress(*_STREAM_ERRORS):
                     await stream.aclose()
-    if activity.idle_out:
-        log.info("tcp session of %s from %s: idle, closed", _who(session), session.peer)
+    if idle.expired:
+        log.info("tcp session of %s from %s: idle, closed", session.identity.name, session.peer)
 
 
-@dataclass
-class _Activity:
-    deadline: float
-    idle_seconds: float
-    stop: trio.CancelScope | None = None  # ends the whole session
-    idle_out: bool = False
-
-
-async def _pipe(source: Any, sink: Any, activity: _Activity, counter: Any) -> None:
+async def _pipe(
+    source: Any, sink: Any, idle: IdleClock, session_scope: trio.CancelScope, counter: Any
+) -> None:
     """Copy until EOF, then pass the EOF on (half-close). A reset or failure on either
     side ends the whole session at once: a clean EOF is the only half-close."""
     try:
         while data := await source.receive_some(CHUNK):
             await sink.send_all(data)
             counter.inc(len(data))
-            activity.deadline = trio.current_time() + activity.idle_seconds
+            idle.touch()
         await sink.send_eof()
     except _STREAM_ERRORS:
-        assert activity.stop is not None
-        activity.stop.cancel()
-
-
-async def _watch_idle(activity: _Activity) -> None:
-    assert activity.stop is not None
-    while True:
-        await trio.sleep_until(activity.deadline)
-        if trio.current_time() >= activity.deadline:
-            activity.idle_out = True
-            activity.stop.cancel()
-            return
+        session_scope.cancel()
 
 
 async def _connect(
@@ -138,7 +123,7 @@ async def _connect(
     log.warning(
         "listener %s: no backend for %s from %s; closing",
         listener.label,
-        _who(session),
+        session.identity.name,
         session.peer,
     )
     return None
@@ -155,11 +140,6 @@ def proxy_header(client: TLSStream, session: Session) -> bytes:
     tlvs += proxy_protocol.tlv(proxy_protocol.PP2_TYPE_FINGERPRINT, identity.fingerprint.encode())
     peer, local = client.peer_address, client.local_address
     return proxy_protocol.encode((peer[0], peer[1]), (local[0], local[1]), tlvs)
-
-
-def _who(session: Session) -> str:
-    identity = session.identity
-    return identity.spiffe_id or identity.cn or identity.fingerprint
 
 
 def tcp_route(backends: list[Address]) -> TcpRoute:

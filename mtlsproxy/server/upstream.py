@@ -99,7 +99,7 @@ class UpstreamPool:
             if now - up.idle_since < IDLE_SECONDS and up.looks_alive():
                 up.reused = True
                 return up
-            await _close(up)
+            await discard(up)
         try:
             up = await self._connect(backend, connect_timeout)
         except ConnectFailed:
@@ -154,9 +154,11 @@ class UpstreamPool:
     async def aclose(self) -> None:
         for idle in self._idle.values():
             while idle:
-                await _close(idle.pop())
+                await discard(idle.pop())
 
 
-async def _close(up: Upstream) -> None:
+async def discard(up: Upstream) -> None:
+    """Close an upstream connection that will not be reused: bounded, and shielded so a
+    cancelled request still releases its socket."""
     with trio.move_on_after(1, shield=True), suppress(trio.BrokenResourceError, OSError):
         await up.stream.aclose()

@@ -29,6 +29,7 @@ from mtlsproxy.relay.websocket import (
     FrameScanner,
     close_frame,
 )
+from mtlsproxy.server.idle import IdleClock
 from mtlsproxy.sessions import Session
 
 log = logging.getLogger("mtlsproxy.websocket")
@@ -39,11 +40,9 @@ _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
 
 @dataclass
 class _State:
-    deadline: float
-    idle_seconds: float
+    idle: IdleClock
     stop: trio.CancelScope | None = None  # ends both directions
     error: FrameError | None = None
-    idle: bool = False
 
 
 async def relay_websocket(
@@ -56,16 +55,15 @@ async def relay_websocket(
     route: Route,
 ) -> None:
     limit = route.websocket_max_message or None
-    idle = route.websocket_idle_timeout.seconds
     from_client = FrameScanner(masked=True, max_message=limit)
     from_backend = FrameScanner(masked=False, max_message=limit)
-    state = _State(trio.current_time() + idle, idle)
+    state = _State(IdleClock(route.websocket_idle_timeout.seconds))
     with trio.CancelScope() as scope:
         session.idle_scope = scope  # the enforcer and drains end the session through it
         if session.closing is not None:
             scope.cancel()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_watch_idle, state, idle, nursery.cancel_scope)
+            nursery.start_soon(state.idle.watch, nursery.cancel_scope)
             state.stop = nursery.cancel_scope
             async with trio.open_nursery() as pipes:
                 pipes.start_soon(_pipe, client, backend, from_client, client_rest, state)
@@ -76,12 +74,17 @@ async def relay_websocket(
         code, reason = CLOSE_POLICY_VIOLATION, f"closed by the proxy: {session.closing}"
     elif state.error is not None:
         code, reason = state.error.code, state.error.reason
-    elif state.idle:
+    elif state.idle.expired:
         code, reason = CLOSE_GOING_AWAY, "idle timeout"
     else:
         return  # the ends closed it themselves
-    who = session.identity.cn or session.identity.fingerprint
-    log.info("websocket of %s from %s: closing %d (%s)", who, session.peer, code, reason)
+    log.info(
+        "websocket of %s from %s: closing %d (%s)",
+        session.identity.name,
+        session.peer,
+        code,
+        reason,
+    )
     with trio.move_on_after(2, shield=True):
         if from_backend.at_boundary and not from_backend.closed:
             with suppress(*_STREAM_ERRORS):
@@ -104,7 +107,7 @@ async def _pipe(source: Any, sink: Any, scanner: FrameScanner, first: bytes, sta
                     state.stop.cancel()
                     return
                 await sink.send_all(data)
-                state.deadline = trio.current_time() + state.idle_seconds
+                state.idle.touch()
             data = await source.receive_some(CHUNK)
             if not data:
                 break
@@ -112,12 +115,3 @@ async def _pipe(source: Any, sink: Any, scanner: FrameScanner, first: bytes, sta
             await sink.send_eof()
     except _STREAM_ERRORS:
         state.stop.cancel()
-
-
-async def _watch_idle(state: _State, idle: float, scope: trio.CancelScope) -> None:
-    while True:
-        await trio.sleep_until(state.deadline)
-        if trio.current_time() >= state.deadline:
-            state.idle = True
-            scope.cancel()
-            return
