@@ -112,9 +112,12 @@ def supervise(count: int, config_path: Path, log_level: str) -> int:
                 worker.started, worker.restart_at = now, None
         if stopping and all(w.proc.poll() is not None for w in workers):
             # The exit status of the shutdown itself: a worker killed by a signal (a
-            # negative code) is a failure too; crashes restarted earlier are not.
+            # negative code) is a failure too, except by the SIGTERM we forwarded (one
+            # still starting up dies of it before its handler exists: it stopped as
+            # asked); crashes restarted earlier do not count.
             codes = [w.proc.returncode for w in workers]
-            return max((1 if c < 0 else c) for c in codes) if any(codes) else 0
+            failed = [c for c in codes if c not in (0, -signal.SIGTERM)]
+            return max((1 if c < 0 else c) for c in failed) if failed else 0
         time.sleep(0.1)
 
 
