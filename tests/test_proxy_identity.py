@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import socket
 import ssl
 from datetime import UTC, datetime, timedelta
 
 import httpx
+import pytest
 import trio
 from cryptography.hazmat.primitives import serialization
 from proxy_env import decode, parse_responses
@@ -218,3 +220,16 @@ async def test_session_resumption_keeps_checking(make_env, client_pair: Pair) ->
     assert leaf_sha256(client_pair).encode() in data
     labels = {"listener": "127.0.0.1:0", "result": "ok", "resumed": "true"}
     assert env.proxy.metrics.sample("mtlsproxy_handshakes_total", labels) == 1
+
+
+async def test_each_refusal_is_logged_with_peer_and_reason(
+    make_env, issue_other: IssueFn, caplog: pytest.LogCaptureFixture
+) -> None:
+    env = await make_env()
+    with caplog.at_level(logging.INFO, logger="mtlsproxy.listener"):
+        await env.curl(env.url + "/", pair=None)
+        await env.curl(env.url + "/", pair=issue_other("client", "mallory"))
+        await trio.sleep(0.2)
+    lines = [r.getMessage() for r in caplog.records]
+    for reason in ("no_cert", "unknown_ca"):
+        assert any("refused 127.0.0.1:" in x and f": {reason} " in x for x in lines), lines

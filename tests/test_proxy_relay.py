@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import socket
 import ssl
+import time
 
 import pytest
 import trio
@@ -356,3 +357,29 @@ async def test_large_bodies_stream_both_ways(make_env) -> None:
     down = await env.curl("-o", str(env.folder / "download.bin"), env.url + f"/bytes/{size}")
     assert down.returncode == 0, down.stderr
     assert (env.folder / "download.bin").stat().st_size == size
+
+
+async def test_idle_keep_alive_connections_are_closed(make_env) -> None:
+    env = await make_env(listener='idle_timeout = "500ms"')
+    ctx = ssl.create_default_context(cafile=str(env.ca_bundle))
+    ctx.load_cert_chain(env.client.crt, env.client.key)
+
+    def idle_client() -> tuple[bytes, float]:
+        with (
+            socket.create_connection(("127.0.0.1", env.port), timeout=CLIENT_TIMEOUT) as raw,
+            ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+        ):
+            tls.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            data = b""
+            while not data.endswith(b"}"):
+                data += tls.recv(65536)
+            start = time.monotonic()
+            try:
+                rest = tls.recv(65536)  # b"" once the proxy closes the idle connection
+            except (ssl.SSLError, OSError):
+                rest = b""
+            return rest, time.monotonic() - start
+
+    rest, waited = await trio.to_thread.run_sync(idle_client)
+    assert rest == b""
+    assert 0.3 < waited < 5
