@@ -37,8 +37,10 @@ from mtlsproxy.pki import CertificateAuthority
 
 HERE = Path(__file__).resolve().parent
 LOADGEN = HERE / "loadgen" / "loadgen"
+WSECHO = HERE / "loadgen" / "wsecho"
 SERVER_CORE, LOAD_CORE = "0", "1"
 BACKEND_PORT, NGINX_PORT, PROXY_PORT, PROXY2_PORT = 18080, 18443, 18444, 18445
+WS_BACKEND_PORT = 18082
 ADMIN_PORT, ADMIN2_PORT = 18901, 18902
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -68,6 +70,10 @@ SCENARIOS = (
              ("--mode", "keepalive", "--concurrency", "32"), higher_is_better=False),
     Scenario("upload", "1 MiB upload throughput (4 connections)", "MiB/s", "mib_per_s",
              ("--mode", "upload", "--concurrency", "4", "--body-size", str(2**20), "--path", "/upload")),
+    Scenario("websocket", "WebSocket messages/s (32 connections, 64-byte echo)", "msg/s", "rate",
+             ("--mode", "websocket", "--concurrency", "32", "--path", "/ws")),
+    Scenario("websocket_p99", "WebSocket message round trip p99", "ms", "p99",
+             ("--mode", "websocket", "--concurrency", "32", "--path", "/ws"), higher_is_better=False),
 )  # fmt: skip
 
 
@@ -111,7 +117,7 @@ def main() -> int:
         (args.out / "latest.md").write_text(text)
         plot(document["summary"], args.out / "latest.png")
         return 0
-    if not LOADGEN.exists():
+    if not LOADGEN.exists() or not WSECHO.exists():
         sys.exit("loadgen is not built: run `make bench` (it builds benchmarks/loadgen)")
     with tempfile.TemporaryDirectory(prefix="mtlsproxy-bench-") as tmp:
         work = Path(tmp)
@@ -201,6 +207,14 @@ http {{
             proxy_request_buffering off;
             proxy_buffering off;
         }}
+        location /ws {{
+            proxy_pass http://127.0.0.1:{ws_backend};
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection "upgrade";
+            proxy_set_header X-Forwarded-Client-Cert "Hash=$ssl_client_fingerprint;Subject=\\"$ssl_client_s_dn\\"";
+            proxy_read_timeout 60s;
+        }}
     }}
 }}
 """
@@ -220,6 +234,11 @@ listen = "127.0.0.1:{port}"
 mode = "http"
 
 [[listeners.routes]]
+path_prefix = "/ws"
+backends = ["127.0.0.1:{ws_backend}"]
+websocket = true
+
+[[listeners.routes]]
 path_prefix = "/"
 backends = ["127.0.0.1:{backend}"]
 """
@@ -232,6 +251,7 @@ def running(work: Path, certs: dict[str, Path], workers2: bool) -> Iterator[list
         "work": str(work),
         "backend": BACKEND_PORT,
         "backend_sink": BACKEND_PORT + 1,
+        "ws_backend": WS_BACKEND_PORT,
     }
     for d in ("backend-tmp", "nginx-tmp", "nginx-proxy-tmp"):
         (work / d).mkdir()
@@ -240,6 +260,7 @@ def running(work: Path, certs: dict[str, Path], workers2: bool) -> Iterator[list
         procs.append(
             _spawn(LOAD_CORE, ["nginx", "-c", str(work / "backend.conf"), "-g", "daemon off;"])
         )
+        procs.append(_spawn(LOAD_CORE, [str(WSECHO), str(WS_BACKEND_PORT)]))
         (work / "nginx.conf").write_text(NGINX_MTLS.format(port=NGINX_PORT, **fill))
         nginx = _spawn(SERVER_CORE, ["nginx", "-c", str(work / "nginx.conf"), "-g", "daemon off;"])
         procs.append(nginx)
@@ -258,6 +279,7 @@ def running(work: Path, certs: dict[str, Path], workers2: bool) -> Iterator[list
         for system in systems:
             _wait_port(system.port)
         _wait_port(BACKEND_PORT)
+        _wait_port(WS_BACKEND_PORT)
         yield systems
     finally:
         for proc in reversed(procs):

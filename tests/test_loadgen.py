@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -16,11 +17,10 @@ import pytest
 import trio
 from proxy_env import Env
 
-SOURCE = Path(__file__).resolve().parent.parent / "benchmarks" / "loadgen" / "loadgen.c"
+SOURCES = Path(__file__).resolve().parent.parent / "benchmarks" / "loadgen"
 
 
-@pytest.fixture(scope="session")
-def loadgen(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _build(tmp_path_factory: pytest.TempPathFactory, name: str, *flags: str) -> Path:
     cc = shutil.which("cc")
     if cc is None:
         pytest.skip("no C compiler (cc) on PATH, so loadgen cannot be built")
@@ -32,9 +32,20 @@ def loadgen(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     if probe.returncode != 0:
         pytest.skip("OpenSSL headers missing (Debian: apt-get install libssl-dev)")
-    binary = tmp_path_factory.mktemp("loadgen") / "loadgen"
+    binary = tmp_path_factory.mktemp(name) / name
     build = subprocess.run(
-        [cc, "-O2", "-Wall", "-Wextra", "-o", str(binary), str(SOURCE), "-lssl", "-lcrypto"],
+        [
+            cc,
+            "-O2",
+            "-Wall",
+            "-Wextra",
+            *flags,
+            "-o",
+            str(binary),
+            str(SOURCES / f"{name}.c"),
+            "-lssl",
+            "-lcrypto",
+        ],
         capture_output=True,
         text=True,
         check=False,
@@ -42,6 +53,16 @@ def loadgen(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert build.returncode == 0, build.stderr
     assert "warning" not in build.stderr, build.stderr
     return binary
+
+
+@pytest.fixture(scope="session")
+def loadgen(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _build(tmp_path_factory, "loadgen")
+
+
+@pytest.fixture(scope="session")
+def wsecho(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _build(tmp_path_factory, "wsecho", "-pthread")
 
 
 async def run_loadgen(
@@ -85,6 +106,37 @@ async def test_loadgen_drives_the_proxy(loadgen: Path, make_env: Any, mode: str)
     assert report["client_cpu_s"] >= 0
     if mode == "full":
         assert report["handshakes"] > 0
+
+
+async def test_loadgen_drives_websocket_messages_through_the_proxy(
+    loadgen: Path, wsecho: Path, make_env: Any, nursery: trio.Nursery
+) -> None:
+    with socket.socket() as probe:  # a free port for the echo backend
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    echo = subprocess.Popen([str(wsecho), str(port)])
+    try:
+        with trio.fail_after(10):
+            while True:
+                try:
+                    (await trio.open_tcp_stream("127.0.0.1", port)).socket.close()
+                    break
+                except OSError:
+                    await trio.sleep(0.05)
+        env = await make_env(
+            routes=f'[[listeners.routes]]\npath_prefix = "/"\nbackends = ["127.0.0.1:{port}"]\n'
+            "websocket = true\n",
+            backends=0,
+        )
+        report, stderr = await run_loadgen(loadgen, env, "--mode", "websocket", "--path", "/ws")
+    finally:
+        echo.kill()
+        echo.wait()
+    assert report["mode"] == "websocket"
+    assert report["ops"] > 0, (report, stderr)
+    assert report["errors"] == 0, (report, stderr)
+    # every op is one 66-byte echo back (the window's edges cut an op or two)
+    assert report["bytes_received"] >= 66 * (report["ops"] - 4)
 
 
 async def test_loadgen_counts_an_untrusted_server_as_errors(

@@ -11,6 +11,8 @@
  *   keepalive  --concurrency persistent connections, requests back to back on each
  *   latency    open loop: new connections at a fixed total --rate, latency from the scheduled start
  *   upload     keep-alive connections each POSTing --body-size bytes
+ *   websocket  --concurrency connections, each upgraded once (GET --path, expects 101), then one op
+ *              = one masked text frame of WS_PAYLOAD bytes and its echo back (unmasked, same length)
  *
  * Output: one JSON object on stdout. Build: cc -O2 -Wall -Wextra -o loadgen loadgen.c -lssl -lcrypto
  */
@@ -38,8 +40,8 @@
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
 
-enum { M_FULL, M_RESUMED, M_KEEPALIVE, M_LATENCY, M_UPLOAD };
-static const char *const MODE_NAMES[] = {"full", "resumed", "keepalive", "latency", "upload"};
+enum { M_FULL, M_RESUMED, M_KEEPALIVE, M_LATENCY, M_UPLOAD, M_WEBSOCKET, M_COUNT };
+static const char *const MODE_NAMES[] = {"full", "resumed", "keepalive", "latency", "upload", "websocket"};
 
 enum { S_FREE, S_BACKOFF, S_HANDSHAKE, S_WRITE, S_READ, S_DRAIN };
 
@@ -54,6 +56,7 @@ enum {
 #define DRAIN_NS 2000000000ULL
 #define GRACE_NS 2000000000ULL /* after the window: at most this long for ops in flight to end */
 #define MAX_REASONS 5
+#define WS_PAYLOAD 64 /* WebSocket mode: bytes of text per message */
 #define CALL_BYTES (256 * 1024) /* fairness: a connection yields after this much I/O or one op */
 
 typedef struct {
@@ -69,7 +72,9 @@ typedef struct {
     int queued;   /* on the run queue: it yielded while its socket was still ready */
     int done_in_call;    /* ops completed in the current drive() call */
     size_t io_in_call;   /* bytes moved in the current drive() call */
-    int wphase; /* 0 request head, 1 body */
+    int wphase; /* 0 request head, 1 body, 2 WebSocket frame */
+    int ws;     /* WebSocket mode: the upgrade is done, ops are frames */
+    size_t wsgot; /* bytes of the echoed frame read so far */
     size_t wpos;
     int pstate, status, chunked, conn_close, ndig, eof;
     uint64_t remaining;
@@ -99,6 +104,8 @@ static size_t g_nfree;
 static char *g_req;
 static size_t g_req_len;
 static char *g_body;
+static char g_frame[6 + WS_PAYLOAD]; /* the client's masked text frame */
+static const unsigned char WS_ECHO_HEAD[2] = {0x81, WS_PAYLOAD}; /* FIN + text, unmasked */
 static uint64_t g_timeout_ns, g_t_start, g_t_warm, g_t_end;
 static int g_counting, g_stopping;
 static char g_rbuf[65536];
@@ -230,6 +237,7 @@ static void reset_parser(conn_t *c) {
 
 static void begin_request(conn_t *c, uint64_t t) {
     c->t_req = t;
+    c->wsgot = 0;
     c->deadline = t + g_timeout_ns;
     c->wphase = 0;
     c->wpos = 0;
@@ -248,6 +256,7 @@ static void start_conn(conn_t *c, uint64_t sched) {
     c->t_req = t;
     c->wphase = 0;
     c->wpos = 0;
+    c->ws = 0;
     reset_parser(c);
     c->state = S_HANDSHAKE;
 
@@ -342,7 +351,7 @@ static int parse_head(conn_t *c, const char **perr) {
     }
     c->status = status;
     c->conn_close = conn_close;
-    if (status == 204 || status == 304) {
+    if (status == 204 || status == 304 || status == 101) {
         c->pstate = P_DONE;
     } else if (chunked) {
         c->pstate = P_CHUNK_SIZE;
@@ -458,7 +467,19 @@ static ssize_t parse(conn_t *c, const char *p, size_t n, const char **perr) {
 /* the response is complete; returns 1 if the connection goes on with the next request */
 static int op_done(conn_t *c) {
     uint64_t t = now_ns();
-    if (c->status != 200) {
+    if (g_mode == M_WEBSOCKET && !c->ws) { /* the upgrade: not an op, the frames are */
+        if (c->status != 101) {
+            char what[64];
+            snprintf(what, sizeof what, "HTTP status %d to the WebSocket upgrade", c->status);
+            fail(c, what, 0, 0);
+            return 0;
+        }
+        c->ws = 1;
+        begin_request(c, t);
+        c->wphase = 2;
+        return 1;
+    }
+    if (g_mode != M_WEBSOCKET && c->status != 200) {
         char what[64];
         snprintf(what, sizeof what, "HTTP status %d", c->status);
         fail(c, what, 0, 0);
@@ -484,6 +505,12 @@ static int op_done(conn_t *c) {
     if ((g_mode == M_KEEPALIVE || g_mode == M_UPLOAD) && !c->conn_close && !g_stopping) {
         c->op_open = 1;
         begin_request(c, t);
+        return 1;
+    }
+    if (g_mode == M_WEBSOCKET && !g_stopping) {
+        c->op_open = 1;
+        begin_request(c, t);
+        c->wphase = 2;
         return 1;
     }
     if (c->eof || !g_close_drain) { /* the server already closed, or --close fast */
@@ -526,7 +553,7 @@ static void drive(conn_t *c) {
                 push(&r_hs, t - c->t_connect);
                 if (SSL_session_reused(c->ssl)) r_resumed++;
             }
-            if (g_mode == M_KEEPALIVE || g_mode == M_UPLOAD) {
+            if (g_mode == M_KEEPALIVE || g_mode == M_UPLOAD || g_mode == M_WEBSOCKET) {
                 begin_request(c, t); /* a keep-alive op starts with its request */
             } else {
                 uint64_t deadline = c->deadline; /* the op includes the connection */
@@ -541,6 +568,9 @@ static void drive(conn_t *c) {
             if (c->wphase == 0) {
                 p = g_req + c->wpos;
                 len = g_req_len - c->wpos;
+            } else if (c->wphase == 2) {
+                p = g_frame + c->wpos;
+                len = sizeof g_frame - c->wpos;
             } else {
                 p = g_body + c->wpos;
                 len = g_body_size - c->wpos;
@@ -594,6 +624,25 @@ static void drive(conn_t *c) {
             }
             if (g_counting) r_recv += n;
             c->io_in_call += n;
+            if (c->ws) { /* the echo of our frame: exactly 2 + WS_PAYLOAD bytes, then the next op */
+                size_t want = 2 + WS_PAYLOAD - c->wsgot;
+                if (n > want) {
+                    fail(c, "unexpected bytes after the echoed frame", 0, 0);
+                    return;
+                }
+                for (size_t i = 0; i < n && c->wsgot + i < 2; i++) {
+                    if ((unsigned char)g_rbuf[i] != WS_ECHO_HEAD[c->wsgot + i]) {
+                        fail(c, "the echo is not an unmasked text frame of the sent length", 0, 0);
+                        return;
+                    }
+                }
+                c->wsgot += n;
+                if (c->wsgot < 2 + WS_PAYLOAD) break;
+                c->status = 200;
+                if (!op_done(c)) return;
+                c->done_in_call++;
+                break;
+            }
             const char *perr = "";
             ssize_t used = parse(c, g_rbuf, n, &perr);
             if (used < 0) {
@@ -653,7 +702,7 @@ static void usage(const char *msg) {
     if (msg) fprintf(stderr, "loadgen: %s\n", msg);
     fprintf(stderr,
             "usage: loadgen --connect HOST:PORT --ca CA.pem --cert CLIENT.pem --key CLIENT.key\n"
-            "               --mode full|resumed|keepalive|latency|upload [--sni localhost]\n"
+            "               --mode full|resumed|keepalive|latency|upload|websocket [--sni localhost]\n"
             "               [--concurrency 32] [--duration 5] [--warmup 1] [--rate 200]\n"
             "               [--path /] [--body-size 1048576] [--tls-max 1.3|1.2] [--tickets on|off]\n"
             "               [--timeout 10] [--close drain|fast]\n");
@@ -691,9 +740,9 @@ static void parse_args(int argc, char **argv) {
         case 'C': g_cert = optarg; break;
         case 'K': g_key = optarg; break;
         case 'm':
-            for (int i = 0; i < 5; i++)
+            for (int i = 0; i < M_COUNT; i++)
                 if (strcmp(optarg, MODE_NAMES[i]) == 0) g_mode = i;
-            if (g_mode < 0) usage("--mode must be full, resumed, keepalive, latency or upload");
+            if (g_mode < 0) usage("--mode must be full, resumed, keepalive, latency, upload or websocket");
             break;
         case 'n':
             g_concurrency = (int)num_arg("concurrency", optarg, 1);
@@ -876,6 +925,11 @@ int main(int argc, char **argv) {
                        g_path, g_sni, g_body_size);
     else if (g_mode == M_KEEPALIVE)
         len = snprintf(req, sizeof req, "GET %s HTTP/1.1\r\nHost: %s\r\n\r\n", g_path, g_sni);
+    else if (g_mode == M_WEBSOCKET)
+        len = snprintf(req, sizeof req,
+                       "GET %s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                       "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+                       g_path, g_sni);
     else
         len = snprintf(req, sizeof req, "GET %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n",
                        g_path, g_sni);
@@ -889,6 +943,14 @@ int main(int argc, char **argv) {
             return 1;
         }
         for (size_t i = 0; i < g_body_size; i++) g_body[i] = (char)('a' + i % 26);
+    }
+
+    if (g_mode == M_WEBSOCKET) { /* FIN + text, masked, then the mask and the masked payload */
+        static const unsigned char mask[4] = {0x37, 0xfa, 0x21, 0x3d};
+        g_frame[0] = (char)0x81;
+        g_frame[1] = (char)(0x80 | WS_PAYLOAD);
+        memcpy(g_frame + 2, mask, 4);
+        for (int i = 0; i < WS_PAYLOAD; i++) g_frame[6 + i] = (char)(('a' + i % 26) ^ mask[i % 4]);
     }
 
     g_epfd = epoll_create1(EPOLL_CLOEXEC);
