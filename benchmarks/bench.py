@@ -229,6 +229,9 @@ client_ca = "{ca}"
 [admin]
 listen = "127.0.0.1:{admin}"
 
+[log]
+access = "off"  # as nginx's access_log off
+
 [[listeners]]
 listen = "127.0.0.1:{port}"
 mode = "http"

@@ -1,9 +1,18 @@
 """The admin listener: health, readiness, metrics, certificates, and reload on demand.
 
-Plain HTTP on a loopback address (anyone who can reach it can trigger a reload and read
-the certificate summary, so it is refused on any other address until the admin listener
-speaks mTLS itself). One request per connection, a small head limit and a deadline on
-every read and write: it is an operator's tool, not a second proxy.
+Who may use it (``[admin]``, checked by the config):
+
+* default: plain HTTP on a loopback address; requests that look like a browser's (an
+  ``Origin`` header, or a ``Host`` that is not a loopback name) are refused, so a web page
+  cannot reach it through the user's browser or DNS rebinding;
+* ``mtls = true``: TLS with the proxy's own server certificate, and a client certificate
+  from ``tls.client_ca`` required (not expired, not on the deny list, matching ``allow``
+  when given) on any address;
+* ``insecure_remote = true``: plain HTTP on a non-loopback address, for networks where
+  anyone who reaches the port may reload and read /certs; said loudly at start.
+
+One request per connection, a small head limit and a deadline on every read and write:
+it is an operator's tool, not a second proxy.
 
     GET  /healthz   200 "ok" while the process serves
     GET  /readyz    200 when listeners are bound, credentials are loaded and the server
@@ -26,8 +35,12 @@ import msgspec
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from mtlsproxy import config
+from mtlsproxy.identity import Identity, IdentityError
 from mtlsproxy.metrics import Metrics
 from mtlsproxy.pki.describe import summarize
+from mtlsproxy.policy import denied_by, is_allowed
+from mtlsproxy.tls.engine import HandshakeError, TLSStream
 from mtlsproxy.tls.store import CredentialStore, ReloadResult
 
 log = logging.getLogger("mtlsproxy.admin")
@@ -44,31 +57,58 @@ class Admin:
         metrics: Metrics,
         not_ready: Callable[[], str | None],
         reload: Callable[[str], ReloadResult] | None = None,
+        settings: config.Admin | None = None,
     ) -> None:
         self.store = store
         self._reload_with = reload or store.reload
         self.metrics = metrics
         self.not_ready = not_ready  # None when ready, else the reason
+        self.settings = settings or config.Admin()
+        # Off loopback, Host names whatever the operator's tools use to reach us.
+        self._loopback_hosts_only = self.settings.listen.is_loopback
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.settings.mtls else "http"
 
     async def handle(self, stream: trio.SocketStream) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEAD)
+        peer = _peer(stream)
+        channel: trio.abc.Stream = stream
         try:
             with trio.fail_after(_DEADLINE):
-                request = await _read_request(conn, stream)
+                refusal: str | None = None
+                if self.settings.mtls:
+                    tls = TLSStream(
+                        stream, self.store.current().context_for("http"), server_side=True
+                    )
+                    channel = tls
+                    try:
+                        await tls.do_handshake(timeout=_DEADLINE)
+                    except HandshakeError as exc:
+                        log.info("admin: refused %s: %s (%s)", peer, exc.reason, exc.detail)
+                        return
+                    refusal = self._refusal(tls)
+                request = await _read_request(conn, channel)
                 if request is None:
                     return
-                status, content_type, body = self.guarded(request)
+                if refusal is not None:
+                    log.info("admin: refused %s: %s", peer, refusal)
+                    text = "text/plain; charset=utf-8"
+                    status, content_type, body = 403, text, f"forbidden: {refusal}\n".encode()
+                else:
+                    status, content_type, body = self.guarded(request)
                 headers = [
                     ("content-type", content_type),
                     ("content-length", str(len(body))),
                     ("connection", "close"),
                     ("cache-control", "no-store"),
                 ]
-                await stream.send_all(
-                    conn.send(h11.Response(status_code=status, headers=headers)) or b""
+                await channel.send_all(
+                    (conn.send(h11.Response(status_code=status, headers=headers)) or b"")
+                    + (conn.send(h11.Data(data=body)) or b"")
+                    + (conn.send(h11.EndOfMessage()) or b"")
                 )
-                await stream.send_all(conn.send(h11.Data(data=body)) or b"")
-                await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
         except (
             trio.TooSlowError,
             h11.ProtocolError,
@@ -77,7 +117,26 @@ class Admin:
         ) as exc:
             log.debug("admin: connection ended: %r", exc)
         finally:
-            await stream.aclose()
+            with trio.move_on_after(1, shield=True):
+                await channel.aclose()
+
+    def _refusal(self, tls: TLSStream) -> str | None:
+        """Why this verified client may not use the admin listener, or None."""
+        cert = tls.peer_certificate
+        if cert is None:
+            return "no client certificate"
+        try:
+            identity = Identity.from_certificate(cert)
+        except IdentityError as exc:
+            return str(exc)
+        # A resumed session skips OpenSSL's checks: expiry and the deny list are ours.
+        if datetime.now(UTC) >= identity.not_after:
+            return f"{identity.name}: certificate expired"
+        if (kind := denied_by(self.store.current().credentials.deny, identity)) is not None:
+            return f"{identity.name}: on the deny list ({kind})"
+        if not is_allowed(self.settings.allow, identity):
+            return f"{identity.name}: no admin.allow rule matched"
+        return None
 
     def guarded(self, request: h11.Request) -> tuple[int, str, bytes]:
         """Refuse what a browser could send, and never let a handler take the proxy down."""
@@ -87,7 +146,10 @@ class Admin:
         # and, with DNS rebinding, read the answer. Browsers always send Origin on those
         # and a Host that names the attacker's domain; curl, Prometheus and kubelet send
         # neither an Origin nor a non-loopback Host.
-        if b"origin" in headers or not _LOOPBACK_HOST.fullmatch(headers.get(b"host", b"")):
+        foreign_host = self._loopback_hosts_only and not _LOOPBACK_HOST.fullmatch(
+            headers.get(b"host", b"")
+        )
+        if b"origin" in headers or foreign_host:
             return 403, text, b"admin requests must come from loopback tools, not a browser\n"
         try:
             return self.respond(request.method, request.target)
@@ -103,7 +165,7 @@ class Admin:
             b"/readyz": (b"GET", self._readyz),
             b"/metrics": (
                 b"GET",
-                lambda: (200, CONTENT_TYPE_LATEST, generate_latest(self.metrics.registry)),
+                lambda: (200, CONTENT_TYPE_LATEST, generate_latest(self.metrics.exposition)),
             ),
             b"/certs": (b"GET", self._certs),
             b"/reload": (b"POST", self._reload),
@@ -144,12 +206,20 @@ class Admin:
         return status, "application/json", msgspec.json.encode(result)
 
 
-async def _read_request(conn: h11.Connection, stream: trio.SocketStream) -> h11.Request | None:
+def _peer(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+    except OSError:
+        return "?"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def _read_request(conn: h11.Connection, stream: trio.abc.Stream) -> h11.Request | None:
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
             data = await stream.receive_some(_MAX_HEAD)
-            conn.receive_data(data)  # b"" is EOF: h11 then reports ConnectionClosed
+            conn.receive_data(bytes(data))  # b"" is EOF: h11 then reports ConnectionClosed
             continue
         if isinstance(event, h11.Request):
             return event

@@ -8,7 +8,6 @@ traceback: a traceback on a bad config is a bug.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import msgspec
 
-from mtlsproxy import __version__, config, pem, quickstart
+from mtlsproxy import __version__, config, logs, pem, quickstart
 from mtlsproxy.check import check_config
 from mtlsproxy.denylist import add_entry, describe_entry
 from mtlsproxy.errors import MtlsProxyError, UsageError
@@ -83,6 +82,12 @@ def _parser() -> argparse.ArgumentParser:
     serve = verbs.add_parser("serve", help="run the proxy")
     serve.add_argument("--config", required=True, type=Path, metavar="FILE")
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
+    serve.add_argument(
+        "--log-format",
+        choices=("auto", "text", "json"),
+        help="diagnostic log format (default: [log] format in the config, else auto: text "
+        "on a terminal, JSON otherwise)",
+    )
     serve.set_defaults(handler=_serve)
 
     check = verbs.add_parser("check", help="load a config and the files it names; report")
@@ -144,18 +149,9 @@ def _parser() -> argparse.ArgumentParser:
 def _serve(args: argparse.Namespace) -> int:
     if os.environ.get(ENV_WORKER) is not None:
         prepare_worker()
-    configure_logging(args.log_level)
-    return serve(config.load(args.config), str(args.config), args.log_level)
-
-
-def configure_logging(level: str) -> None:
-    worker = os.environ.get(ENV_WORKER)
-    where = f"[worker {worker} pid %(process)d] " if worker is not None else ""
-    logging.basicConfig(
-        level=level.upper(),
-        format=f"%(asctime)s %(levelname)s {where}%(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    cfg = config.load(args.config)
+    logs.configure(args.log_level, args.log_format or cfg.log.format)
+    return serve(cfg, str(args.config), args.log_level, args.log_format)
 
 
 def _check(args: argparse.Namespace) -> int:

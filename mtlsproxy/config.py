@@ -49,6 +49,13 @@ class ByteSize(int):
     """A byte count written as ``16KiB``, ``1GiB`` or a plain integer."""
 
 
+class LogTarget(str):
+    """Where a log goes: ``"stdout"``, ``"stderr"``, ``"off"``, or a file (appended to; its
+    folder must exist). A file is stored as an absolute path."""
+
+    STREAMS = ("stdout", "stderr", "off")
+
+
 class Struct(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     pass
 
@@ -173,23 +180,49 @@ class TLS(Struct, frozen=True):
     # How often live sessions are checked for expiry, the deny list and a removed CA
     # (and at once after every reload).
     enforce_interval: Duration = Duration("1s")
+    # The server certificate or a CA of the bundle this close to its end is logged as a
+    # warning (and flagged in metrics). Unset: a quarter of each certificate's lifetime,
+    # at most 30 days (6 hours for a 24-hour certificate renewed at two thirds).
+    expiry_warning: Duration | None = None
 
 
 class Admin(Struct, frozen=True):
     listen: Address = Address("127.0.0.1", 9901)
+    # mTLS on the admin listener: the proxy's own server certificate, and a client
+    # certificate from tls.client_ca (that passes the deny list and ``allow``) required.
+    mtls: bool = False
+    allow: list[AllowRule] | None = None
+    # Plain HTTP on a non-loopback address: anyone who reaches it can reload and read
+    # /certs. Only for networks where that is acceptable; said loudly at start.
+    insecure_remote: bool = False
 
     def __post_init__(self) -> None:
-        if not self.listen.is_loopback:
+        _check_allow(self.allow)
+        if self.allow is not None and not self.mtls:
+            raise ValueError("allow rules need mtls = true (plain HTTP has no identity)")
+        if self.mtls and self.insecure_remote:
+            raise ValueError("choose mtls = true or insecure_remote = true, not both")
+        if not self.listen.is_loopback and not (self.mtls or self.insecure_remote):
             raise ValueError(
-                f"{self.listen} is not a loopback address; the admin listener has no "
-                "authentication of its own yet, so it only listens on 127.0.0.1 or [::1]"
+                f"{self.listen} is not a loopback address: set mtls = true to require a "
+                "client certificate on the admin listener, or insecure_remote = true to "
+                "serve it in plain HTTP anyway"
             )
+
+
+class Log(Struct, frozen=True):
+    # Diagnostic logs (stderr): "text" for people, "json" for collectors; "auto" is text
+    # on a terminal and JSON otherwise.
+    format: Literal["auto", "text", "json"] = "auto"
+    # One JSON line per HTTP request, WebSocket session and TCP session.
+    access: LogTarget = LogTarget("stdout")
 
 
 class Config(Struct, frozen=True):
     tls: TLS
     listeners: Annotated[list[Listener], Meta(min_length=1)]
     admin: Admin = Admin()
+    log: Log = Log()
     # On SIGTERM/SIGINT: how long in-flight requests may take to finish before exit.
     drain_timeout: Duration = Duration("30s")
     # Processes sharing each listening port (SO_REUSEPORT); "auto": one per core.
@@ -238,6 +271,19 @@ def parse(raw: dict[str, Any], path: Path) -> Config:
         raise ConfigError(path, key_path, reason) from None
 
 
+def _log_target(base: Path, value: object) -> LogTarget:
+    if not isinstance(value, str) or not value:
+        raise TypeError('expected "stdout", "stderr", "off" or a file path')
+    if value in LogTarget.STREAMS:
+        return LogTarget(value)
+    target = Path(os.path.abspath(base / value))  # noqa: PTH100 - see parse()
+    if not target.parent.is_dir():
+        raise ValueError(f"no such folder for the log file: {target.parent}")
+    if target.is_dir():
+        raise ValueError(f"{target} is a folder, not a file")
+    return LogTarget(str(target))
+
+
 def _decoder(base: Path) -> Any:
     def decode(tp: type, value: Any) -> Any:
         if tp is Path:
@@ -255,6 +301,8 @@ def _decoder(base: Path) -> Any:
             return Duration(value)
         if tp is ByteSize:
             return ByteSize(parse_size(value))
+        if tp is LogTarget:
+            return _log_target(base, value)
         if tp is Address:
             if not isinstance(value, str):
                 raise TypeError("write an address as a string, e.g. '127.0.0.1:8443'")
@@ -275,7 +323,7 @@ _TYPE_WORDS = {
     "null": "nothing",
 }
 _ALL_KEYS = sorted(
-    {f for s in (AllowRule, Route, Listener, TLS, Admin, Config) for f in s.__struct_fields__}
+    {f for s in (AllowRule, Route, Listener, TLS, Admin, Log, Config) for f in s.__struct_fields__}
 )
 
 

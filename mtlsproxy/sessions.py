@@ -43,6 +43,7 @@ class Session:
     identity: Identity
     kind: str  # "http", "tcp", "websocket"
     anchor: str | None  # fingerprint of the root the certificate chained to, if known
+    resumed: bool = False  # the TLS session was resumed (no certificate shown this time)
     started: float = field(default_factory=trio.current_time)
     id: int = field(default_factory=lambda: next(_ids))
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)

@@ -46,8 +46,11 @@ class FrameScanner:
         self._message = 0  # bytes of the data message in progress
         self._in_message = False
         self.closed = False  # a close frame went by
+        self.messages = 0  # data messages begun (a fragmented one counts once)
+        self.bytes = 0  # everything fed, headers included
 
     def feed(self, data: bytes) -> None:
+        self.bytes += len(data)
         view = memoryview(data)
         while view:
             if self._skip:
@@ -94,6 +97,8 @@ class FrameScanner:
         elif opcode in (OP_TEXT, OP_BINARY, OP_CONTINUATION):
             if (opcode == OP_CONTINUATION) != self._in_message:
                 raise FrameError(CLOSE_PROTOCOL_ERROR, "fragments out of order")
+            if opcode != OP_CONTINUATION:
+                self.messages += 1
             self._message = (self._message if opcode == OP_CONTINUATION else 0) + length
             if self._max is not None and self._message > self._max:
                 raise FrameError(CLOSE_TOO_BIG, "message too big")

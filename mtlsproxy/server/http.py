@@ -42,6 +42,7 @@ from typing import Any
 import h11
 import trio
 
+from mtlsproxy import accesslog
 from mtlsproxy.config import Listener, Route
 from mtlsproxy.identity import Identity
 from mtlsproxy.metrics import Metrics
@@ -131,6 +132,10 @@ class _Exchange:
     body_done: bool = False  # the whole request body went upstream
     response_started: bool = False
     status: int = 0
+    started: float = 0.0
+    bytes_in: int = 0  # request body bytes
+    bytes_out: int = 0  # response body bytes
+    upstream: str | None = None
 
 
 class HttpConnection:
@@ -145,6 +150,7 @@ class HttpConnection:
         store: CredentialStore,
         metrics: Metrics,
         client_ip: str,
+        access: accesslog.AccessLog | None = None,
     ) -> None:
         self.stream = stream
         self.session = session
@@ -154,6 +160,7 @@ class HttpConnection:
         self.pool = pool
         self.store = store
         self.metrics = metrics
+        self.access = access or accesslog.AccessLog("off")
         self.client_ip = client_ip
         # True when the connection ends with no unread input from the client, so a
         # plain close cannot turn into a RST that destroys the last response.
@@ -225,19 +232,22 @@ class HttpConnection:
         client = h11.Connection(h11.SERVER, max_incomplete_event_size=len(head.raw) + 1)
         client.receive_data(head.raw)
         exchange: _Exchange | None = None
+        request: h11.Request | None = None
+        started = trio.current_time()
         try:
             try:
-                request = client.next_event()
+                event = client.next_event()
             except h11.RemoteProtocolError as exc:
                 raise BadRequest("malformed request") from exc
-            if not isinstance(request, h11.Request):
+            if not isinstance(event, h11.Request):
                 raise BadRequest("malformed request")
+            request = event
             framing = validate_request(head.raw, request)
             # The identity first: a denied or expired client must not learn which
             # routes exist (404 versus 403).
             self._check_identity()
             route = self._match(request)
-            exchange = _Exchange(request, route, _has_body(framing))
+            exchange = _Exchange(request, route, _has_body(framing), started=started)
             exchange.websocket = route.config.websocket and is_websocket_upgrade(request)
             self._authorize(route)
             limit = BodyLimit(self.listener.max_body_size or None, framing)
@@ -251,12 +261,15 @@ class HttpConnection:
         except HttpError as exc:
             if exchange is not None and exchange.response_started:
                 log.info("client %s: %s after the response began", self.session.peer, exc)
+                self._finish(exchange.request, exchange, exchange.status, started)
                 return None
-            await self._refuse(exc, exchange)
+            await self._refuse(exc, exchange, request, started)
             return None
         except _ClientGone:
+            if exchange is not None and exchange.response_started:
+                self._finish(exchange.request, exchange, exchange.status, started)
             return None
-        self._count(exchange.route.label, exchange.status)
+        self._finish(exchange.request, exchange, exchange.status, started)
         reusable = client.our_state is h11.DONE and client.their_state is h11.DONE
         leftover = bytes(client.trailing_data[0])
         if not reusable or self.session.closing is not None:
@@ -290,18 +303,24 @@ class HttpConnection:
                 log_detail=f"route {route.label}: no allow rule matched",
             )
 
-    async def _refuse(self, exc: HttpError, exchange: _Exchange | None) -> None:
+    async def _refuse(
+        self,
+        exc: HttpError,
+        exchange: _Exchange | None,
+        request: h11.Request | None = None,
+        started: float | None = None,
+    ) -> None:
         detail = getattr(exc, "log_detail", None) or exc.reason
         log.info(
             "refused %s from %s (%s): %d %s",
-            "request" if exchange is None else exchange.request.target.decode("ascii", "replace"),
+            "request" if request is None else accesslog.path_of(request.target),
             self.session.peer,
             self.identity.cn or self.identity.fingerprint,
             exc.status,
             detail,
         )
-        head_only = exchange is not None and exchange.request.method == b"HEAD"
-        self._count(exchange.route.label if exchange else "-", exc.status)
+        head_only = request is not None and request.method == b"HEAD"
+        self._finish(request, exchange, exc.status, started)
         response = error_response(exc.status, exc.reason, head_only=head_only)
         with trio.move_on_after(self.listener.idle_timeout.seconds), suppress(*_STREAM_ERRORS):
             await self.stream.send_all(response)
@@ -314,7 +333,8 @@ class HttpConnection:
         exchange.status = 101
         await self._send_client(client, h11.InformationalResponse(status_code=101, headers=headers))
         self.session.kind = "websocket"
-        await relay_websocket(
+        started = trio.current_time()
+        summary = await relay_websocket(
             self.stream,
             up.stream,
             client_rest=bytes(client.trailing_data[0]),
@@ -323,11 +343,62 @@ class HttpConnection:
             route=exchange.route.config,
         )
         self.clean_end = True
+        label, metrics = exchange.route.label, self.metrics
+        metrics.child(metrics.websocket_sessions, label).inc()
+        metrics.child(metrics.websocket_messages, label, "in").inc(summary.messages_in)
+        metrics.child(metrics.websocket_messages, label, "out").inc(summary.messages_out)
+        self._log_access(
+            "websocket",
+            trio.current_time() - started,
+            route=label,
+            method=exchange.request.method.decode("ascii", "replace"),
+            path=accesslog.path_of(exchange.request.target),
+            status=101,
+            bytes_in=summary.bytes_in,
+            bytes_out=summary.bytes_out,
+            upstream=exchange.upstream,
+            end=summary.end,
+        )
 
-    def _count(self, route: str, status: int) -> None:
+    def _finish(
+        self,
+        request: h11.Request | None,
+        exchange: _Exchange | None,
+        status: int,
+        started: float | None,
+    ) -> None:
+        """Count a request that got an answer, and write its access log line."""
+        route = exchange.route.label if exchange is not None else "-"
         self.metrics.child(
             self.metrics.requests, self.listener.label, route, f"{status // 100}xx"
         ).inc()
+        if status == 101 or not self.access.enabled:
+            return  # a WebSocket session is logged when it ends
+        self._log_access(
+            "http",
+            trio.current_time() - started if started is not None else 0.0,
+            route=exchange.route.label if exchange is not None else None,
+            method=request.method.decode("ascii", "replace") if request is not None else None,
+            path=accesslog.path_of(request.target) if request is not None else None,
+            status=status,
+            bytes_in=exchange.bytes_in if exchange is not None else 0,
+            bytes_out=exchange.bytes_out if exchange is not None else 0,
+            upstream=exchange.upstream if exchange is not None else None,
+        )
+
+    def _log_access(self, kind: str, duration: float, **fields: object) -> None:
+        if self.access.enabled:
+            self.access.write(
+                accesslog.record(
+                    kind,
+                    listener=self.listener.label,
+                    client=self.session.peer,
+                    identity=self.identity,
+                    resumed=self.session.resumed,
+                    duration=duration,
+                    **fields,
+                )
+            )
 
     # ---- 3. forward ----------------------------------------------------------------
 
@@ -346,6 +417,7 @@ class HttpConnection:
         )
         for attempt in range(STALE_RETRIES + 1):
             up = await self._connect(route)
+            exchange.upstream = str(up.backend)
             started = trio.current_time()
             try:
                 await self._exchange(client, exchange, up, upstream_req, limit)
@@ -450,6 +522,7 @@ class HttpConnection:
                 event = await self._next_client_event(client)
                 if isinstance(event, h11.Data):
                     limit.add(len(event.data))
+                    exchange.bytes_in += len(event.data)
                     self.metrics.child(self.metrics.bytes, self.listener.label, "in").inc(
                         len(event.data)
                     )
@@ -524,6 +597,7 @@ class HttpConnection:
                 up.conn.receive_data(await self._receive_up(up, timeout))
             elif isinstance(event, h11.Data):
                 bytes_out.inc(len(event.data))
+                exchange.bytes_out += len(event.data)
                 out += client.send(h11.Data(data=event.data)) or b""
                 if len(out) >= FLUSH_BYTES:
                     await self._write_client(out)

@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 
 import trio
 
+from mtlsproxy.accesslog import AccessLog
 from mtlsproxy.address import Address
 from mtlsproxy.config import Listener
 from mtlsproxy.identity import Identity, IdentityCache, IdentityError
@@ -52,6 +53,7 @@ class Shared:
     pool: UpstreamPool
     metrics: Metrics
     handshake_timeout: float
+    access: AccessLog = field(default_factory=lambda: AccessLog("off"))
     identities: IdentityCache = field(default_factory=IdentityCache)
 
 
@@ -140,15 +142,18 @@ async def _handshake_and_serve(
         ):
             # A tcp listener has no request to answer 403 to: its allow rules act here.
             result = "denied"
-        resumed = "true" if tls.session_reused else "false"
-        metrics.child(metrics.handshakes, label, result, resumed).inc()
+        reused = tls.session_reused
+        metrics.child(metrics.handshakes, label, result, "true" if reused else "false").inc()
+        if result == "ok":
+            remaining = (identity.not_after - datetime.now(UTC)).total_seconds()
+            metrics.child(metrics.client_cert_remaining, label).observe(remaining)
         if result != "ok":
             log.info("listener %s: refused %s (%s): %s", label, peer, identity.name, result)
             if runtime.config.mode != "http" or result not in ("expired", "denied"):
                 return
             # HTTP clients get told why: the relay, which checks expiry and the deny list
             # on every request, answers their first request 403.
-        session = Session(label, peer, identity, runtime.config.mode, anchor)
+        session = Session(label, peer, identity, runtime.config.mode, anchor, resumed=reused)
         shared.sessions.add(session)
         try:
             with session.cancel_scope:
@@ -175,6 +180,7 @@ async def _serve(
             route=runtime.tcp,
             pool=shared.pool,
             metrics=shared.metrics,
+            access=shared.access,
         )
         return False
     assert runtime.routes is not None
@@ -186,6 +192,7 @@ async def _serve(
         pool=shared.pool,
         store=shared.store,
         metrics=shared.metrics,
+        access=shared.access,
         client_ip=session.peer.rsplit(":", 1)[0].strip("[]"),
     )
     await http.run()

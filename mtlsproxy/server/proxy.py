@@ -13,15 +13,17 @@ from __future__ import annotations
 import logging
 import signal
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import trio
 
+from mtlsproxy.accesslog import AccessLog
 from mtlsproxy.address import Address
 from mtlsproxy.admin import Admin
 from mtlsproxy.config import Config, Listener
 from mtlsproxy.errors import ConfigError, MtlsProxyError
-from mtlsproxy.metrics import Metrics
+from mtlsproxy.metrics import Expiry, Metrics
 from mtlsproxy.relay.errors import RouteError
 from mtlsproxy.relay.routing import RoundRobin, Route, RouteTable
 from mtlsproxy.server.http import RouteRuntime
@@ -32,8 +34,12 @@ from mtlsproxy.server.workers import ask_supervisor_to_reload
 from mtlsproxy.sessions import Enforcer, SessionRegistry
 from mtlsproxy.tls.backend import backend_context
 from mtlsproxy.tls.store import CredentialStore, ReloadResult
+from mtlsproxy.units import format_duration
 
 log = logging.getLogger("mtlsproxy")
+
+EXPIRY_CHECK_SECONDS = 60.0
+EXPIRY_REPEAT_SECONDS = 3600.0  # a certificate still close to its end is logged again hourly
 
 
 @dataclass(frozen=True)
@@ -53,12 +59,14 @@ class Proxy:
         self.metrics = Metrics()
         self.sessions = SessionRegistry()
         self.store = CredentialStore(config.tls)
+        self.access = AccessLog(config.log.access)
         self.shared = Shared(
             store=self.store,
             sessions=self.sessions,
             pool=UpstreamPool(),
             metrics=self.metrics,
             handshake_timeout=config.tls.handshake_timeout.seconds,
+            access=self.access,
         )
         self.listeners = [
             _runtime(i, listener, config, config_path)
@@ -71,9 +79,60 @@ class Proxy:
         self.enforcer = Enforcer(
             self.sessions, self.store, self.metrics, config.tls.enforce_interval.seconds
         )
-        self.admin = Admin(self.store, self.metrics, self._not_ready, reload=self.reload)
+        self.admin = Admin(
+            self.store, self.metrics, self._not_ready, reload=self.reload, settings=config.admin
+        )
         self.metrics.generation.set(self.store.current().generation)
+        warning = config.tls.expiry_warning
+        self._expiry_warning = warning.seconds if warning is not None else None
+        self.metrics.watch_certificates(self.certificates, self._expiry_warning)
         self.store.subscribe(on_result=self._count_reload)
+        self._warned: dict[tuple[str, str, datetime], float] = {}
+
+    def certificates(self) -> list[Expiry]:
+        """The certificates in use, for expiry metrics and warnings."""
+        creds = self.store.current().credentials
+        kinds = (
+            [("server", creds.leaf)]
+            + [("chain", c) for c in creds.cert_chain[1:]]
+            + [("client_ca", c) for c in creds.client_cas]
+        )
+        return [
+            Expiry(kind, c.subject.rfc4514_string(), c.not_valid_before_utc, c.not_valid_after_utc)
+            for kind, c in kinds
+        ]
+
+    def warn_expiring(self) -> list[str]:
+        """Log a warning for each certificate in use that is within its warning window
+        (``tls.expiry_warning``) of its end, again every hour while it stays so; return the
+        warnings logged now."""
+        now, clock = datetime.now(UTC), trio.current_time()
+        configured = self._expiry_warning
+        logged = []
+        for cert in self.certificates():
+            left = (cert.not_after - now).total_seconds()
+            key = (cert.kind, cert.subject, cert.not_after)
+            if left > cert.warn_within(configured):
+                continue
+            if clock - self._warned.get(key, -1e18) < EXPIRY_REPEAT_SECONDS:
+                continue
+            self._warned[key] = clock
+            when = cert.not_after.isoformat(timespec="seconds")
+            what = {"server": "server certificate", "chain": "intermediate CA certificate",
+                    "client_ca": "client CA certificate"}[cert.kind]  # fmt: skip
+            if left <= 0:
+                message = f"the {what} {cert.subject} has EXPIRED (at {when})"
+            else:
+                remaining = format_duration(timedelta(seconds=left))
+                message = f"the {what} {cert.subject} expires in {remaining} (at {when})"
+            log.warning("%s", message)
+            logged.append(message)
+        return logged
+
+    async def _watch_expiry(self) -> None:
+        while True:
+            self.warn_expiring()
+            await trio.sleep(EXPIRY_CHECK_SECONDS)
 
     def _count_reload(self, result: ReloadResult) -> None:
         self.metrics.reloads.labels(result.result).inc()
@@ -123,6 +182,8 @@ class Proxy:
                         accepting.start_soon(accept_loop, runtime, sock, self.shared, connections)
                     accepting.start_soon(self._poll)
                     accepting.start_soon(self.enforcer.run)
+                    if not self.worker:  # one process warns, not every worker
+                        accepting.start_soon(self._watch_expiry)
                     self.serving = True
                     task_status.started(addresses)
                     await self._shutdown.wait()
@@ -135,6 +196,7 @@ class Proxy:
                 for _, sock in bound:
                     await sock.aclose()
                 await self.shared.pool.aclose()
+            self.access.close()
             self._stopped.set()
 
     async def _serve_admin(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -144,7 +206,22 @@ class Proxy:
         except OSError as exc:
             raise MtlsProxyError(f"cannot listen on {address} (admin): {exc.strerror}") from exc
         bound = _local(listeners[0])
-        log.info("admin listening on http://%s", bound)
+        settings = self.config.admin
+        if settings.mtls:
+            log.info(
+                "admin listening on https://%s (mTLS: a client certificate from tls.client_ca "
+                "is required%s)",
+                bound,
+                ", and an admin.allow rule must match" if settings.allow is not None else "",
+            )
+        elif settings.insecure_remote and not address.is_loopback:
+            log.warning(
+                "admin listening on http://%s WITHOUT authentication (admin.insecure_remote = "
+                "true): anyone who can reach this address can reload the proxy and read /certs",
+                bound,
+            )
+        else:
+            log.info("admin listening on http://%s", bound)
         task_status.started(bound)
         await trio.serve_listeners(self.admin.handle, listeners)
 

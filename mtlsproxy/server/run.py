@@ -14,12 +14,14 @@ from mtlsproxy.server.proxy import Proxy
 log = logging.getLogger("mtlsproxy")
 
 
-def serve(config: Config, config_path: str, log_level: str = "info") -> int:
+def serve(
+    config: Config, config_path: str, log_level: str = "info", log_format: str | None = None
+) -> int:
     count = workers.resolve(config.workers)
     index = workers.worker_index()
     if count > 1 and index is None:
         Proxy(config, config_path)  # prove every file here, before any worker starts
-        return workers.supervise(count, Path(config_path), log_level)
+        return workers.supervise(count, Path(config_path), log_level, log_format)
     proxy = Proxy(config, config_path, worker=index)
     trio.run(_main, proxy)
     log.info("stopped")

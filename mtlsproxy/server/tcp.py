@@ -23,6 +23,7 @@ from typing import Any
 
 import trio
 
+from mtlsproxy import accesslog
 from mtlsproxy.address import Address
 from mtlsproxy.config import Listener
 from mtlsproxy.metrics import Metrics
@@ -44,6 +45,18 @@ class TcpRoute:
     backends: RoundRobin[Target]
 
 
+class ByteTally:
+    """Bytes of one session in one direction, added to the listener's counter as they go."""
+
+    def __init__(self, counter: Any) -> None:
+        self.counter = counter
+        self.total = 0
+
+    def add(self, n: int) -> None:
+        self.total += n
+        self.counter.inc(n)
+
+
 async def relay_tcp(
     client: TLSStream,
     *,
@@ -52,11 +65,15 @@ async def relay_tcp(
     route: TcpRoute,
     pool: UpstreamPool,
     metrics: Metrics,
+    access: accesslog.AccessLog,
 ) -> None:
     idle = IdleClock(listener.idle_timeout.seconds)
-    bytes_in = metrics.child(metrics.bytes, listener.label, "in")
-    bytes_out = metrics.child(metrics.bytes, listener.label, "out")
+    bytes_in = ByteTally(metrics.child(metrics.bytes, listener.label, "in"))
+    bytes_out = ByteTally(metrics.child(metrics.bytes, listener.label, "out"))
     stream: Any = None
+    backend: Any = None
+    end = "closed"
+    started = trio.current_time()
     with trio.CancelScope() as scope:
         # Enforcement and drains close a TCP session at once (Session.close cancels
         # this scope): while connecting and sending the header too.
@@ -66,6 +83,7 @@ async def relay_tcp(
                 return
             backend = await _connect(route, listener, pool, metrics, session)
             if backend is None or session.closing is not None:
+                end = "error" if backend is None else end
                 return
             stream = backend.stream
             if listener.proxy_protocol == "v2":
@@ -78,6 +96,7 @@ async def relay_tcp(
                     pipes.start_soon(_pipe, stream, client, idle, nursery.cancel_scope, bytes_out)
                 nursery.cancel_scope.cancel()  # both directions ended: stop the watchdog
         except (trio.TooSlowError, *_STREAM_ERRORS) as exc:
+            end = "error"
             log.info(
                 "tcp session of %s from %s: backend failed: %r",
                 session.identity.name,
@@ -89,19 +108,39 @@ async def relay_tcp(
             if stream is not None:
                 with trio.move_on_after(1, shield=True), suppress(*_STREAM_ERRORS):
                     await stream.aclose()
-    if idle.expired:
-        log.info("tcp session of %s from %s: idle, closed", session.identity.name, session.peer)
+            if idle.expired:
+                end = "idle"
+                log.info(
+                    "tcp session of %s from %s: idle, closed", session.identity.name, session.peer
+                )
+            elif session.closing is not None:
+                end = "enforced"
+            metrics.child(metrics.tcp_sessions, listener.label, end).inc()
+            access.write(
+                accesslog.record(
+                    "tcp",
+                    listener=listener.label,
+                    client=session.peer,
+                    identity=session.identity,
+                    resumed=session.resumed,
+                    duration=trio.current_time() - started,
+                    bytes_in=bytes_in.total,
+                    bytes_out=bytes_out.total,
+                    upstream=str(backend.backend) if backend is not None else None,
+                    end=end if session.closing is None else f"{end}: {session.closing}",
+                )
+            )
 
 
 async def _pipe(
-    source: Any, sink: Any, idle: IdleClock, session_scope: trio.CancelScope, counter: Any
+    source: Any, sink: Any, idle: IdleClock, session_scope: trio.CancelScope, counter: ByteTally
 ) -> None:
     """Copy until EOF, then pass the EOF on (half-close). A reset or failure on either
     side ends the whole session at once: a clean EOF is the only half-close."""
     try:
         while data := await source.receive_some(CHUNK):
             await sink.send_all(data)
-            counter.inc(len(data))
+            counter.add(len(data))
             idle.touch()
         await sink.send_eof()
     except _STREAM_ERRORS:

@@ -38,6 +38,17 @@ CHUNK = 65536
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
 
 
+@dataclass(frozen=True)
+class WebSocketSummary:
+    """What went through a session, for the access log and metrics."""
+
+    bytes_in: int  # from the client, frame headers included
+    bytes_out: int
+    messages_in: int
+    messages_out: int
+    end: str  # "closed" by the ends, or the proxy's close reason
+
+
 @dataclass
 class _State:
     idle: IdleClock
@@ -53,7 +64,7 @@ async def relay_websocket(
     backend_rest: bytes,
     session: Session,
     route: Route,
-) -> None:
+) -> WebSocketSummary:
     limit = route.websocket_max_message or None
     from_client = FrameScanner(masked=True, max_message=limit)
     from_backend = FrameScanner(masked=False, max_message=limit)
@@ -70,6 +81,12 @@ async def relay_websocket(
                 pipes.start_soon(_pipe, backend, client, from_backend, backend_rest, state)
             nursery.cancel_scope.cancel()
     session.idle_scope = None
+
+    def summary(end: str) -> WebSocketSummary:
+        return WebSocketSummary(
+            from_client.bytes, from_backend.bytes, from_client.messages, from_backend.messages, end
+        )
+
     if session.closing is not None:
         code, reason = CLOSE_POLICY_VIOLATION, f"closed by the proxy: {session.closing}"
     elif state.error is not None:
@@ -77,7 +94,7 @@ async def relay_websocket(
     elif state.idle.expired:
         code, reason = CLOSE_GOING_AWAY, "idle timeout"
     else:
-        return  # the ends closed it themselves
+        return summary("closed")  # the ends closed it themselves
     log.info(
         "websocket of %s from %s: closing %d (%s)",
         session.identity.name,
@@ -92,6 +109,7 @@ async def relay_websocket(
         if from_client.at_boundary and not from_client.closed:
             with suppress(*_STREAM_ERRORS):
                 await backend.send_all(close_frame(CLOSE_GOING_AWAY, "client gone", masked=True))
+    return summary(reason)
 
 
 async def _pipe(source: Any, sink: Any, scanner: FrameScanner, first: bytes, state: _State) -> None:

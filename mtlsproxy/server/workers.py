@@ -12,7 +12,9 @@ SIGINT to every worker, restarts a worker that died (with a back-off, so a worke
 crashes at start does not spin), and exits when every worker has exited after a
 SIGTERM/SIGINT, with the worst exit status.
 
-Known limit: ``/metrics`` shows worker 0's numbers only.
+Metrics: the supervisor gives the workers a private folder for prometheus_client's
+multi-process mode, so worker 0's ``/metrics`` adds up every worker's numbers; a dead
+worker's live gauges (open connections) are dropped when it is reaped, its counters stay.
 """
 
 from __future__ import annotations
@@ -20,13 +22,17 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+
+from prometheus_client import multiprocess
 
 log = logging.getLogger("mtlsproxy.workers")
 
@@ -54,7 +60,17 @@ class _Worker:
     restart_at: float | None = None
 
 
-def supervise(count: int, config_path: Path, log_level: str) -> int:
+def supervise(count: int, config_path: Path, log_level: str, log_format: str | None = None) -> int:
+    metrics_dir = tempfile.mkdtemp(prefix="mtlsproxy-metrics-")
+    try:
+        return _supervise(count, config_path, log_level, log_format, metrics_dir)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _supervise(
+    count: int, config_path: Path, log_level: str, log_format: str | None, metrics_dir: str
+) -> int:
     stopping = False
     reload_requested = False
 
@@ -69,9 +85,15 @@ def supervise(count: int, config_path: Path, log_level: str) -> int:
         signal.signal(signum, on_signal)
 
     def spawn(index: int) -> subprocess.Popen[bytes]:
-        env = dict(os.environ, **{ENV_WORKER: str(index), ENV_SUPERVISOR: str(os.getpid())})
+        env = dict(
+            os.environ,
+            **{ENV_WORKER: str(index), ENV_SUPERVISOR: str(os.getpid())},
+            PROMETHEUS_MULTIPROC_DIR=metrics_dir,
+        )
         command = [sys.executable, "-m", "mtlsproxy", "serve", "--config", str(config_path),
                    "--log-level", log_level]  # fmt: skip
+        if log_format is not None:
+            command += ["--log-format", log_format]
         # A process group of its own: a terminal's Ctrl-C or systemd's SIGTERM to the
         # unit reaches the workers only through us, once, so they drain instead of
         # taking the forwarded copy as a second "stop now".
@@ -99,6 +121,7 @@ def supervise(count: int, config_path: Path, log_level: str) -> int:
         for worker in workers:
             code = worker.proc.poll()
             if code is not None and worker.restart_at is None and not stopping:
+                multiprocess.mark_process_dead(worker.proc.pid, metrics_dir)  # type: ignore[no-untyped-call]
                 lived = now - worker.started
                 worker.backoff = _BACKOFF_MIN if lived > _HEALTHY_AFTER else worker.backoff
                 log.error(
