@@ -16,7 +16,7 @@ from pathlib import Path
 
 import msgspec
 
-from mtlsproxy import __version__, config, logs, pem, quickstart
+from mtlsproxy import __version__, cli_lifecycle, config, logs, pem, quickstart
 from mtlsproxy.check import check_config
 from mtlsproxy.denylist import add_entry, describe_entry
 from mtlsproxy.errors import MtlsProxyError, UsageError
@@ -110,9 +110,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     deny_add.set_defaults(handler=_deny_add)
 
-    ca = verbs.add_parser("ca", help="the private CA: init, issue, show").add_subparsers(
-        title="ca commands", metavar="COMMAND"
-    )
+    ca = verbs.add_parser(
+        "ca", help="the private CA: init, issue, show, renew, rotate, retire, serve"
+    ).add_subparsers(title="ca commands", metavar="COMMAND")
     init = ca.add_parser("init", help="create a root and an issuing CA in a folder")
     init.add_argument("--dir", required=True, type=Path)
     init.add_argument("--name", default="mtlsproxy", help="names the CAs (default: mtlsproxy)")
@@ -143,6 +143,7 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("file", type=Path)
     show.add_argument("--json", action="store_true", help="one JSON object per certificate")
     show.set_defaults(handler=_ca_show)
+    cli_lifecycle.register(ca, verbs, _duration)
     return parser
 
 

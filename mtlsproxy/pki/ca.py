@@ -6,6 +6,9 @@ Layout of a CA folder (mode 0700; every key 0600):
                  client's ``verify`` point here.
     root.crt     the root certificate, and root.key its key (only used to sign issuers)
     issuer.crt   the issuing intermediate, and issuer.key its key (signs every leaf)
+    audit.log    one JSON line per certificate issued (``pki.lifecycle``)
+    previous/    roots and issuers replaced by ``ca rotate``, still trusted (no keys)
+    retired/     the same, once ``ca retire`` removed them from the bundle
 
 Leaves are written as ``PREFIX.crt`` (leaf, then the intermediate: what a TLS peer must
 send) and ``PREFIX.key``. The root is never part of a chain file: a peer that trusts it
@@ -24,6 +27,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
+import msgspec
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -33,6 +37,7 @@ from mtlsproxy.atomicfile import write_atomic
 from mtlsproxy.errors import CAError, CredentialError
 from mtlsproxy.pki import names
 from mtlsproxy.pki.keys import KeyType, generate_key, signature_hash
+from mtlsproxy.pki.lifecycle import LeafIdentity, audit, backdate
 from mtlsproxy.units import format_duration
 
 Kind = Literal["server", "client"]
@@ -45,8 +50,9 @@ CA_FILES = (BUNDLE, ROOT_CERT, ROOT_KEY, ISSUER_CERT, ISSUER_KEY)
 DEFAULT_ROOT_TTL = timedelta(days=3650)
 DEFAULT_ISSUER_TTL = timedelta(days=365)
 DEFAULT_LEAF_TTL = timedelta(hours=24)
-# Leaves start a minute in the past so a peer whose clock runs a little behind ours
-# does not refuse a certificate we issued a second ago as "not yet valid".
+# Leaves start a minute in the past (at most a tenth of their lifetime) so a peer whose
+# clock runs a little behind ours does not refuse a certificate we issued a second ago
+# as "not yet valid".
 BACKDATE = timedelta(minutes=1)
 
 _EKU = {"server": ExtendedKeyUsageOID.SERVER_AUTH, "client": ExtendedKeyUsageOID.CLIENT_AUTH}
@@ -55,7 +61,7 @@ _EKU = {"server": ExtendedKeyUsageOID.SERVER_AUTH, "client": ExtendedKeyUsageOID
 @dataclass(frozen=True)
 class IssuedCertificate:
     certificate: x509.Certificate
-    key: pem.PrivateKey
+    key: pem.PrivateKey | None  # None: signed from a CSR, the requester holds the key
     chain: tuple[x509.Certificate, ...]  # the intermediates that follow the leaf
 
     def chain_pem(self) -> bytes:
@@ -63,6 +69,8 @@ class IssuedCertificate:
         return b"".join(pem.certificate_pem(c) for c in (self.certificate, *self.chain))
 
     def key_pem(self) -> bytes:
+        if self.key is None:
+            raise CAError("signed from a CSR: the private key stays with the requester")
         return pem.private_key_pem(self.key)
 
     def write(self, prefix: Path) -> tuple[Path, Path]:
@@ -135,7 +143,14 @@ class CertificateAuthority:
         return cls(folder, root, issuer, issuer_key)
 
     @classmethod
-    def load(cls, folder: Path) -> CertificateAuthority:
+    def load(cls, folder: Path, *, now: datetime | None = None) -> CertificateAuthority:
+        """The CA that signs now: the current root and issuer, or, during the grace period
+        after ``ca rotate``, the previous ones (see ``pki.rotation``)."""
+        current = cls.load_current(folder)
+        return _in_grace(folder, now or datetime.now(UTC)) or current
+
+    @classmethod
+    def load_current(cls, folder: Path) -> CertificateAuthority:
         if not (folder / ISSUER_CERT).exists():
             raise CAError(
                 f"{folder}: no CA here (no {ISSUER_CERT}); create one with "
@@ -167,10 +182,15 @@ class CertificateAuthority:
         ttl: timedelta = DEFAULT_LEAF_TTL,
         key_type: KeyType = "ecdsa-p256",
         key: pem.PrivateKey | None = None,
+        public_key: pem.PublicKey | None = None,
         now: datetime | None = None,
+        by: str = "ca issue",
+        requester: str | None = None,
     ) -> IssuedCertificate:
-        """Sign a leaf. ``key`` reuses a public key (renewal from a CSR).
+        """Sign a leaf, and record it in the audit log.
 
+        ``key`` reuses a key pair; ``public_key`` signs a public key whose private half
+        stays with the requester (renewal from a CSR: the result has no ``key``).
         ``now`` anchors the validity window (tests make expired certificates with it); the
         TTL check against the issuer's life uses it too, so it cannot sneak past that.
         """
@@ -192,24 +212,77 @@ class CertificateAuthority:
         sans += [names.uri(u) for u in uris]
         if kind == "server" and not sans:
             sans = [names.dns_name(name)]
-        key = key or generate_key(key_type)
+        if public_key is None:
+            key = key or generate_key(key_type)
+            public_key = key.public_key()
         builder = (
             x509.CertificateBuilder()
             .subject_name(_name(name, ous=ous))
             .issuer_name(self.issuer.subject)
-            .public_key(key.public_key())
+            .public_key(public_key)
             .serial_number(_serial())
-            .not_valid_before(now - BACKDATE)
+            .not_valid_before(now - backdate(ttl))
             .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(_leaf_key_usage(key), critical=True)
+            .add_extension(_leaf_key_usage(public_key), critical=True)
             .add_extension(x509.ExtendedKeyUsage([_EKU[kind]]), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), False)
             .add_extension(_aki(self.issuer), critical=False)
         )
         if sans:
             builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        return IssuedCertificate(_sign(builder, self.issuer_key), key, (self.issuer,))
+        cert = _sign(builder, self.issuer_key)
+        audit(self.folder, cert, issuer=self.issuer, root=self.root, by=by, requester=requester)
+        return IssuedCertificate(cert, key, (self.issuer,))
+
+    def reissue(
+        self,
+        identity: LeafIdentity,
+        *,
+        ttl: timedelta | None = None,
+        key_type: KeyType = "ecdsa-p256",
+        public_key: pem.PublicKey | None = None,
+        by: str = "ca renew",
+        requester: str | None = None,
+    ) -> IssuedCertificate:
+        """A new certificate for the same identity (and, unless given, the same TTL)."""
+        return self.issue(
+            kind="server" if identity.kind == "server" else "client",
+            name=identity.name,
+            dns=identity.dns,
+            ips=identity.ips,
+            uris=identity.uris,
+            ous=identity.ous,
+            ttl=ttl or identity.ttl,
+            key_type=key_type,
+            public_key=public_key,
+            by=by,
+            requester=requester,
+        )
+
+
+GRACE_FILE = "rotated.json"
+
+
+def _in_grace(folder: Path, now: datetime) -> CertificateAuthority | None:
+    """The previous root and issuer while a rotation's grace period lasts, else None."""
+    base = folder / "previous"
+    for sub in sorted(base.iterdir()) if base.is_dir() else []:
+        marker = sub / GRACE_FILE
+        if not marker.exists() or not (sub / ISSUER_KEY).exists():
+            continue
+        try:
+            switch_at = datetime.fromisoformat(
+                msgspec.json.decode(marker.read_bytes())["switch_at"]
+            )
+            root = pem.load_certificates(pem.read_file(sub / ROOT_CERT), sub / ROOT_CERT)[0]
+            issuer = pem.load_certificates(pem.read_file(sub / ISSUER_CERT), sub / ISSUER_CERT)[0]
+            key = pem.load_private_key(pem.read_file(sub / ISSUER_KEY), sub / ISSUER_KEY)
+        except (CredentialError, msgspec.DecodeError, KeyError, ValueError) as exc:
+            raise CAError(f"{sub}: unreadable previous CA: {exc}") from exc
+        if now < switch_at:
+            return CertificateAuthority(folder, root, issuer, key)
+    return None
 
 
 def _name(common_name: str, *, org: str | None = None, ous: Sequence[str] = ()) -> x509.Name:
@@ -268,13 +341,13 @@ def _ca_builder(
     )
 
 
-def _leaf_key_usage(key: pem.PrivateKey) -> x509.KeyUsage:
+def _leaf_key_usage(key: pem.PublicKey) -> x509.KeyUsage:
     # RSA key exchange (TLS 1.2 non-ECDHE) would need keyEncipherment; we only allow
     # ECDHE suites, but a client may be used elsewhere, so RSA keys keep it.
     return x509.KeyUsage(
         digital_signature=True,
         content_commitment=False,
-        key_encipherment=isinstance(key, rsa.RSAPrivateKey),
+        key_encipherment=isinstance(key, rsa.RSAPublicKey),
         data_encipherment=False,
         key_agreement=False,
         key_cert_sign=False,
