@@ -45,6 +45,7 @@ class Expiry:
     subject: str
     not_before: datetime
     not_after: datetime
+    sha256: str = ""  # hex; two CAs may share a subject (a re-key, a cross-sign)
 
     def warn_within(self, configured: float | None) -> float:
         """Seconds before the end from which this certificate is worth a warning: the
@@ -68,16 +69,16 @@ class _ExpiryCollector(Collector):
         timestamps = GaugeMetricFamily(
             "mtlsproxy_certificate_expiry_timestamp_seconds",
             "Unix time at which a certificate in use expires",
-            labels=["kind", "subject"],
+            labels=["kind", "subject", "sha256"],
         )
         expiring = GaugeMetricFamily(
             "mtlsproxy_certificate_expiring",
             "1 when a certificate in use expires within tls.expiry_warning (or has expired)",
-            labels=["kind", "subject"],
+            labels=["kind", "subject", "sha256"],
         )
         now = datetime.now().astimezone()
         for cert in self._certificates():
-            labels = [cert.kind, cert.subject]
+            labels = [cert.kind, cert.subject, cert.sha256[:16]]
             timestamps.add_metric(labels, cert.not_after.timestamp())
             left = (cert.not_after - now).total_seconds()
             expiring.add_metric(labels, 1.0 if left <= cert.warn_within(self._warn) else 0.0)
@@ -163,6 +164,11 @@ class Metrics:
             buckets=REMAINING_BUCKETS,
             registry=r,
         )
+        self.access_log_dropped = Counter(
+            "mtlsproxy_access_log_dropped",
+            "Access log lines dropped because the log's reader did not keep up",
+            registry=r,
+        )
         self.sessions_closed = Counter(
             "mtlsproxy_sessions_closed",
             "Live sessions closed by the proxy: expired, denied, ca_removed, shutdown",
@@ -177,9 +183,10 @@ class Metrics:
         )
         self.generation = Gauge(
             "mtlsproxy_credentials_generation",
-            "Generation of the TLS material in use; +1 on every successful swap",
+            "Generation of the TLS material in use; +1 on every successful swap (with "
+            "workers: the highest among live workers, each counting from its own start)",
             registry=r,
-            multiprocess_mode="livemin",
+            multiprocess_mode="livemax",
         )
 
     def watch_certificates(

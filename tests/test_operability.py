@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import ssl
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,16 +18,18 @@ import pytest
 import requests
 import trio
 import trio_websocket
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from proxy_env import CLIENT_TIMEOUT, start_backend
 from support import MTLSPROXY, IssueFn, Pair
 
 from mtlsproxy import config, demo_backend
-from mtlsproxy.accesslog import AccessRecord
+from mtlsproxy.accesslog import AccessLog, AccessRecord, record
 from mtlsproxy.admin import Admin
 from mtlsproxy.errors import ConfigError
+from mtlsproxy.identity import Identity
 from mtlsproxy.logs import JsonFormatter
-from mtlsproxy.metrics import Expiry
+from mtlsproxy.metrics import Expiry, Metrics
 from mtlsproxy.pki import CertificateAuthority
 from mtlsproxy.server.proxy import Proxy
 
@@ -40,7 +44,9 @@ def samples(text: bytes) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
 
 
 def value(found: dict[Any, float], name: str, **labels: str) -> float:
-    return found.get((name, frozenset(labels.items())), 0.0)
+    """The sum of the samples of ``name`` whose labels include ``labels``."""
+    wanted = frozenset(labels.items())
+    return sum(v for (n, have), v in found.items() if n == name and wanted <= have)
 
 
 class Stack:
@@ -310,13 +316,16 @@ async def test_expiry_is_warned_in_logs_and_metrics_and_fails_readyz(
 # --- the admin listener's access rules ---------------------------------------------------
 
 
-def admin_config(tmp_path: Path, ca: CertificateAuthority, server: Pair, admin: str) -> Path:
+def admin_config(
+    tmp_path: Path, ca: CertificateAuthority, server: Pair, admin: str, tls: str = ""
+) -> Path:
     path = tmp_path / "admin.toml"
     path.write_text(f"""
 [tls]
 cert = "{server.crt}"
 key = "{server.key}"
 client_ca = "{ca.folder / "ca.crt"}"
+{tls}
 
 [admin]
 {admin}
@@ -369,15 +378,18 @@ def test_an_opted_in_remote_admin_takes_any_host_but_still_refuses_browsers(
 
 async def test_an_mtls_admin_requires_a_client_certificate_that_passes_allow(
     nursery: trio.Nursery, tmp_path: Path, ca: CertificateAuthority, server_pair: Pair,
-    issue: IssueFn,
+    issue: IssueFn, issue_other: IssueFn,
 ) -> None:  # fmt: skip
+    (tmp_path / "deny.txt").write_text("cn:mallory\n")
     path = admin_config(tmp_path, ca, server_pair,
-                        'listen = "127.0.0.1:0"\nmtls = true\nallow = [{ ou = "ops" }]')  # fmt: skip
+                        'listen = "127.0.0.1:0"\nmtls = true\nallow = [{ ou = "ops" }]',
+                        tls=f'deny = "{tmp_path / "deny.txt"}"')  # fmt: skip
     proxy = Proxy(config.load(path), str(path))
     bound = await nursery.start(proxy.run)
     port = next(b for b in bound if b.listener == "admin").address.port
     operator = issue("client", "alice", ous=["ops"])
     player = issue("client", "player-1")
+    mallory = issue("client", "mallory", ous=["ops"])  # matches allow, but denied
     bundle = str(ca.folder / "ca.crt")
 
     def get(pair: Pair | None) -> requests.Response:
@@ -392,8 +404,20 @@ async def test_an_mtls_admin_requires_a_client_certificate_that_passes_allow(
     assert answer.status_code == 200 and answer.json()["server"]["subject"] == "CN=localhost"
     denied = await trio.to_thread.run_sync(get, player)
     assert denied.status_code == 403 and "allow" in denied.text
+    denied = await trio.to_thread.run_sync(get, mallory)
+    assert denied.status_code == 403 and "deny list" in denied.text
+    certs = answer.json()
+    assert certs["client_cas"][0]["subject"] == ca.root.subject.rfc4514_string()
+    assert certs["chain"][0]["subject"] == ca.issuer.subject.rfc4514_string()
+    assert certs["deny_entries"] == 1 and certs["generation"] == 1
+    assert certs["last_reload"]["result"] == "swapped"
+    assert certs["server"]["fingerprint"].startswith("sha256:")
+    assert "BEGIN" not in answer.text  # a summary, never a certificate or a key
     with pytest.raises(requests.exceptions.RequestException):
         await trio.to_thread.run_sync(get, None)
+    stranger = issue_other("client", "alice", ous=["ops"])  # another CA: refused in TLS
+    with pytest.raises(requests.exceptions.RequestException):
+        await trio.to_thread.run_sync(get, stranger)
 
     def plain() -> requests.Response:
         return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=CLIENT_TIMEOUT)
@@ -445,3 +469,102 @@ def test_the_default_warning_window_fits_24_hour_certificates() -> None:
     ca = Expiry("client_ca", "CN=root", start, start + timedelta(days=3650))
     assert ca.warn_within(None) == 30 * 86400
     assert day.warn_within(3600.0) == 3600.0
+
+
+async def test_a_client_gone_before_its_answer_is_logged_as_499(
+    nursery: trio.Nursery, tmp_path: Path, ca: CertificateAuthority, server_pair: Pair,
+    issue: IssueFn,
+) -> None:  # fmt: skip
+    s = await stack(nursery, tmp_path, ca, server_pair)
+    player = issue("client", "quitter")
+    ctx = ssl.create_default_context(cafile=str(ca.folder / "ca.crt"))
+    ctx.load_cert_chain(player.crt, player.key)
+
+    def send_half_a_body() -> None:
+        with (
+            socket.create_connection(("127.0.0.1", s.http), timeout=CLIENT_TIMEOUT) as raw,
+            ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+        ):
+            tls.sendall(b"POST /upload HTTP/1.1\r\nHost: localhost\r\n"
+                        b"Content-Length: 100000\r\n\r\n" + b"x" * 10)  # fmt: skip
+
+    await trio.to_thread.run_sync(send_half_a_body)
+    with trio.fail_after(10):
+        while not s.access.exists() or not s.records():
+            await trio.sleep(0.05)
+    (gone,) = s.records()
+    assert gone.status == 499 and gone.method == "POST" and gone.cn == "quitter"
+    assert gone.bytes_in == 10
+    m = await s.metrics()
+    assert value(m, "mtlsproxy_requests_total", route="api", code="4xx") == 1
+
+
+def test_certificates_with_one_subject_stay_apart_in_metrics() -> None:
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    metrics = Metrics()
+    metrics.watch_certificates(lambda: [
+        Expiry("client_ca", "CN=Root", start, start + timedelta(days=1), "aa" * 32),
+        Expiry("client_ca", "CN=Root", start, start + timedelta(days=3650), "bb" * 32),
+    ], None)  # fmt: skip
+    found = samples(generate_latest(metrics.registry))
+    series = [labels for (name, labels) in found if name == "mtlsproxy_certificate_expiring"]
+    assert len(series) == 2 and len(set(series)) == 2
+
+
+def some_identity() -> Identity:
+    now = datetime.now(UTC)
+    return Identity(subject="CN=x", issuer="CN=ca", cn="x", ous=(), dns=(), ips=(), uris=(),
+                    spiffe_id=None, serial="1", sha256="ab" * 32, not_before=now, not_after=now)  # fmt: skip
+
+
+def test_the_access_log_never_blocks_and_counts_what_it_drops(tmp_path: Path) -> None:
+    identity = some_identity()
+    fifo = tmp_path / "log"  # a reader that never reads
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    drops = []
+    log = AccessLog(str(fifo), capacity=100, on_drop=lambda: drops.append(1))
+    started = time.monotonic()
+    for _ in range(5000):  # far more than the pipe and the queue hold
+        log.write(record("http", listener="l", client="c", identity=identity, resumed=False,
+                         duration=0.0, path="/" + "x" * 200))  # fmt: skip
+    assert time.monotonic() - started < 2  # never waited for the reader
+    assert log.dropped > 0 and len(drops) == log.dropped
+    os.close(reader)  # the writer thread gets EPIPE: reported, not raised
+    log.close(timeout=1)
+
+
+def test_sighup_reopens_a_rotated_access_log(tmp_path: Path) -> None:
+    identity = some_identity()
+    path = tmp_path / "access.log"
+    log = AccessLog(str(path))
+
+    def line(n: int) -> None:
+        log.write(record("tcp", listener="l", client=str(n), identity=identity, resumed=True,
+                         duration=0.0))  # fmt: skip
+
+    line(1)
+    log.close()  # flushes
+    log = AccessLog(str(path))
+    line(2)
+    time.sleep(0.2)
+    path.rename(tmp_path / "access.log.1")  # logrotate
+    log.reopen()
+    line(3)
+    log.close()
+    old = (tmp_path / "access.log.1").read_text().splitlines()
+    new = path.read_text().splitlines()
+    assert [json.loads(x)["client"] for x in old] == ["1", "2"]
+    assert [json.loads(x)["client"] for x in new] == ["3"]
+    assert json.loads(new[0])["resumed"] is True and "route" in json.loads(new[0])  # all fields
+
+
+def test_polls_that_find_nothing_new_are_not_counted_as_reloads(
+    tmp_path: Path, ca: CertificateAuthority, server_pair: Pair
+) -> None:
+    proxy = Proxy(config.load(admin_config(tmp_path, ca, server_pair, "")), "x")
+    for _ in range(3):
+        proxy.store.reload("poll")
+    proxy.store.reload("signal")
+    found = samples(generate_latest(proxy.metrics.registry))
+    assert value(found, "mtlsproxy_reloads_total", result="unchanged") == 1  # the SIGHUP only

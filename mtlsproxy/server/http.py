@@ -266,8 +266,9 @@ class HttpConnection:
             await self._refuse(exc, exchange, request, started)
             return None
         except _ClientGone:
-            if exchange is not None and exchange.response_started:
-                self._finish(exchange.request, exchange, exchange.status, started)
+            if exchange is not None:  # 499: the client went away before its answer (nginx's)
+                status = exchange.status if exchange.response_started else 499
+                self._finish(exchange.request, exchange, status, started)
             return None
         self._finish(exchange.request, exchange, exchange.status, started)
         reusable = client.our_state is h11.DONE and client.their_state is h11.DONE
@@ -334,6 +335,22 @@ class HttpConnection:
         await self._send_client(client, h11.InformationalResponse(status_code=101, headers=headers))
         self.session.kind = "websocket"
         started = trio.current_time()
+        label, metrics = exchange.route.label, self.metrics
+        metrics.child(metrics.websocket_sessions, label).inc()
+        counters = {
+            d: (
+                metrics.child(metrics.bytes, self.listener.label, d),
+                metrics.child(metrics.websocket_messages, label, d),
+            )
+            for d in ("in", "out")
+        }
+
+        def count(direction: str, nbytes: int, messages: int) -> None:
+            octets, frames = counters[direction]
+            octets.inc(nbytes)
+            if messages:
+                frames.inc(messages)
+
         summary = await relay_websocket(
             self.stream,
             up.stream,
@@ -341,12 +358,9 @@ class HttpConnection:
             backend_rest=switch.rest,
             session=self.session,
             route=exchange.route.config,
+            count=count,
         )
         self.clean_end = True
-        label, metrics = exchange.route.label, self.metrics
-        metrics.child(metrics.websocket_sessions, label).inc()
-        metrics.child(metrics.websocket_messages, label, "in").inc(summary.messages_in)
-        metrics.child(metrics.websocket_messages, label, "out").inc(summary.messages_out)
         self._log_access(
             "websocket",
             trio.current_time() - started,

@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import trio
+from cryptography.hazmat.primitives import hashes
 
 from mtlsproxy.accesslog import AccessLog
 from mtlsproxy.address import Address
@@ -59,7 +60,7 @@ class Proxy:
         self.metrics = Metrics()
         self.sessions = SessionRegistry()
         self.store = CredentialStore(config.tls)
-        self.access = AccessLog(config.log.access)
+        self.access = AccessLog(config.log.access, on_drop=self.metrics.access_log_dropped.inc)
         self.shared = Shared(
             store=self.store,
             sessions=self.sessions,
@@ -88,6 +89,7 @@ class Proxy:
         self.metrics.watch_certificates(self.certificates, self._expiry_warning)
         self.store.subscribe(on_result=self._count_reload)
         self._warned: dict[tuple[str, str, datetime], float] = {}
+        self._last_poll_error: str | None = None
 
     def certificates(self) -> list[Expiry]:
         """The certificates in use, for expiry metrics and warnings."""
@@ -98,7 +100,13 @@ class Proxy:
             + [("client_ca", c) for c in creds.client_cas]
         )
         return [
-            Expiry(kind, c.subject.rfc4514_string(), c.not_valid_before_utc, c.not_valid_after_utc)
+            Expiry(
+                kind,
+                c.subject.rfc4514_string(),
+                c.not_valid_before_utc,
+                c.not_valid_after_utc,
+                c.fingerprint(hashes.SHA256()).hex(),
+            )
             for kind, c in kinds
         ]
 
@@ -111,7 +119,7 @@ class Proxy:
         logged = []
         for cert in self.certificates():
             left = (cert.not_after - now).total_seconds()
-            key = (cert.kind, cert.subject, cert.not_after)
+            key = (cert.kind, cert.sha256, cert.not_after)
             if left > cert.warn_within(configured):
                 continue
             if clock - self._warned.get(key, -1e18) < EXPIRY_REPEAT_SECONDS:
@@ -135,7 +143,16 @@ class Proxy:
             await trio.sleep(EXPIRY_CHECK_SECONDS)
 
     def _count_reload(self, result: ReloadResult) -> None:
-        self.metrics.reloads.labels(result.result).inc()
+        # The poll runs every few seconds: an unchanged poll is no event, and a file that
+        # stays broken counts once, not once per poll (its error repeats unchanged).
+        repeated = result.source == "poll" and (
+            result.result == "unchanged"
+            or (result.result == "failed" and result.error == self._last_poll_error)
+        )
+        if result.source == "poll":
+            self._last_poll_error = result.error if result.result == "failed" else None
+        if not repeated:
+            self.metrics.reloads.labels(result.result).inc()
         self.metrics.generation.set(result.generation)
 
     def _not_ready(self) -> str | None:
@@ -246,6 +263,7 @@ class Proxy:
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     self.store.reload("signal")
+                    self.access.reopen()  # after a log rotation moved the file
                     continue
                 if self._shutdown.is_set():
                     log.warning("second %s: stopping now", signal.Signals(signum).name)

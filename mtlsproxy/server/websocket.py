@@ -15,8 +15,10 @@ sees the connection close), then closes both connections.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import trio
@@ -64,7 +66,10 @@ async def relay_websocket(
     backend_rest: bytes,
     session: Session,
     route: Route,
+    count: Callable[[str, int, int], None] = lambda _d, _b, _m: None,
 ) -> WebSocketSummary:
+    """Relay frames both ways until either end closes; ``count(direction, bytes,
+    messages)`` hears of every chunk as it passes ("in": from the client)."""
     limit = route.websocket_max_message or None
     from_client = FrameScanner(masked=True, max_message=limit)
     from_backend = FrameScanner(masked=False, max_message=limit)
@@ -77,8 +82,10 @@ async def relay_websocket(
             nursery.start_soon(state.idle.watch, nursery.cancel_scope)
             state.stop = nursery.cancel_scope
             async with trio.open_nursery() as pipes:
-                pipes.start_soon(_pipe, client, backend, from_client, client_rest, state)
-                pipes.start_soon(_pipe, backend, client, from_backend, backend_rest, state)
+                inwards = partial(_pipe, count=partial(count, "in"))
+                outwards = partial(_pipe, count=partial(count, "out"))
+                pipes.start_soon(inwards, client, backend, from_client, client_rest, state)
+                pipes.start_soon(outwards, backend, client, from_backend, backend_rest, state)
             nursery.cancel_scope.cancel()
     session.idle_scope = None
 
@@ -112,12 +119,21 @@ async def relay_websocket(
     return summary(reason)
 
 
-async def _pipe(source: Any, sink: Any, scanner: FrameScanner, first: bytes, state: _State) -> None:
+async def _pipe(
+    source: Any,
+    sink: Any,
+    scanner: FrameScanner,
+    first: bytes,
+    state: _State,
+    *,
+    count: Callable[[int, int], None],
+) -> None:
     assert state.stop is not None
     try:
         data = first
         while True:
             if data:
+                begun = scanner.messages
                 try:
                     scanner.feed(data)
                 except FrameError as exc:
@@ -125,6 +141,7 @@ async def _pipe(source: Any, sink: Any, scanner: FrameScanner, first: bytes, sta
                     state.stop.cancel()
                     return
                 await sink.send_all(data)
+                count(len(data), scanner.messages - begun)
                 state.idle.touch()
             data = await source.receive_some(CHUNK)
             if not data:
