@@ -568,3 +568,26 @@ def test_polls_that_find_nothing_new_are_not_counted_as_reloads(
     proxy.store.reload("signal")
     found = samples(generate_latest(proxy.metrics.registry))
     assert value(found, "mtlsproxy_reloads_total", result="unchanged") == 1  # the SIGHUP only
+
+
+async def test_an_insecure_remote_admin_says_so_at_start(
+    nursery: trio.Nursery, tmp_path: Path, ca: CertificateAuthority, server_pair: Pair,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    caplog.set_level(logging.INFO, logger="mtlsproxy")
+    # Bound on every interface for the test's few seconds; only loopback is ever contacted.
+    path = admin_config(tmp_path, ca, server_pair, 'listen = "0.0.0.0:0"\ninsecure_remote = true')
+    proxy = Proxy(config.load(path), str(path))
+    bound = await nursery.start(proxy.run)
+    port = next(b for b in bound if b.listener == "admin").address.port
+    warning = next(r for r in caplog.records if "admin listening" in r.getMessage())
+    assert warning.levelno == logging.WARNING
+    assert "WITHOUT authentication" in warning.getMessage()
+    assert "insecure_remote" in warning.getMessage()
+
+    def healthz() -> requests.Response:
+        return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10,
+                            headers={"Host": "proxy-1.internal"})  # fmt: skip
+
+    assert (await trio.to_thread.run_sync(healthz)).status_code == 200
+    proxy.shutdown()
