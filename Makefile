@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 
 BENCH_STAMP := $(VENV)/.bench-stamp
 
-.PHONY: run test check lint typecheck pytest system-tools bench clean
+.PHONY: run test test-compose check lint typecheck pytest system-tools bench clean
 
 run: $(STAMP)
 	$(BIN)/mtlsproxy quickstart
@@ -18,8 +18,8 @@ test: $(STAMP) system-tools check pytest
 check: lint typecheck
 
 lint: $(STAMP)
-	$(BIN)/ruff check mtlsproxy tests benchmarks
-	$(BIN)/ruff format --check mtlsproxy tests benchmarks
+	$(BIN)/ruff check mtlsproxy tests tests_compose benchmarks
+	$(BIN)/ruff format --check mtlsproxy tests tests_compose benchmarks
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -32,6 +32,13 @@ pytest: $(STAMP) system-tools
 system-tools:
 	@scripts/ensure-system-tools curl openssl cc:gcc make:make \
 		/usr/include/openssl/ssl.h:libssl-dev
+
+# The docker-compose stack (deploy/) built and run for real, checked from the host; starts
+# dockerd when none runs and stops it after (tests_compose/test_stack.py says how).
+test-compose: $(STAMP)
+	@scripts/ensure-system-tools curl dockerd:docker.io docker-compose:docker-compose \
+		debootstrap:debootstrap
+	$(BIN)/pytest tests_compose -o testpaths=tests_compose --timeout 1200 $(PYTEST_ARGS)
 
 # mtlsproxy and nginx side by side (benchmarks/README.md). BENCH_ARGS="--rounds 5 --workers2"
 bench: $(BENCH_STAMP)

@@ -13,10 +13,11 @@ import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
-from mtlsproxy import __version__, cli_lifecycle, config, logs, pem, quickstart
+from mtlsproxy import __version__, cli_lifecycle, config, demo_backend, logs, pem, quickstart
 from mtlsproxy.check import check_config
 from mtlsproxy.denylist import add_entry, describe_entry
 from mtlsproxy.errors import MtlsProxyError, UsageError
@@ -98,6 +99,8 @@ def _parser() -> argparse.ArgumentParser:
     quick.add_argument("--dir", type=Path, default=Path("mtlsproxy-quickstart"))
     quick.set_defaults(handler=_quickstart)
 
+    _add_demo_backend(verbs)
+
     deny = verbs.add_parser("deny", help="the deny list").add_subparsers(
         title="deny commands", metavar="COMMAND"
     )
@@ -162,6 +165,28 @@ def _check(args: argparse.Namespace) -> int:
 
 def _quickstart(args: argparse.Namespace) -> int:
     return quickstart.run(args.dir)
+
+
+def _add_demo_backend(verbs: Any) -> None:
+    demo = verbs.add_parser(
+        "demo-backend",
+        help="the demo game/API backend alone (HTTP, TCP and WebSocket echo), for containers",
+    )
+    demo.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1; only the proxy may reach it)",
+    )
+    demo.add_argument("--http-port", type=int, default=8080)
+    demo.add_argument("--tcp-port", type=int, default=8081)
+    demo.add_argument("--ws-port", type=int, default=8082)
+    demo.set_defaults(handler=_demo_backend)
+
+
+def _demo_backend(args: argparse.Namespace) -> int:
+    logs.configure("info")
+    demo_backend.run(args.host, args.http_port, args.tcp_port, args.ws_port)
+    return 0
 
 
 def _deny_add(args: argparse.Namespace) -> int:

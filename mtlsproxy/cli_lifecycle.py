@@ -16,6 +16,7 @@ from cryptography import x509
 
 from mtlsproxy import logs, pem
 from mtlsproxy.address import parse_address
+from mtlsproxy.atomicfile import write_atomic
 from mtlsproxy.client import default_prefix, refresh_bundle, renew_once
 from mtlsproxy.errors import CAError, UsageError
 from mtlsproxy.pki import CertificateAuthority
@@ -44,6 +45,13 @@ def register(ca: Any, verbs: Any, duration: Duration) -> None:
     renew.add_argument("--force", action="store_true", help="renew now even if not due")
     renew.add_argument("--ttl", type=duration, help="default: the TTL it was issued with")
     renew.add_argument("--key-type", choices=KEY_TYPES, default="ecdsa-p256")
+    renew.add_argument(
+        "--bundle",
+        type=Path,
+        metavar="FILE",
+        help="also keep a copy of the CA's trust bundle here, rewritten when it changes "
+        "(with --watch: checked every 5 s), for a proxy that must not see the CA folder",
+    )
     renew.set_defaults(handler=_ca_renew)
 
     rot = ca.add_parser("rotate", help="new root and issuer; the old root stays trusted")
@@ -150,9 +158,25 @@ def _ca_renew(args: argparse.Namespace) -> int:
         issued.write(prefix)
         return issued.certificate
 
+    def copy_bundle() -> None:
+        if args.bundle is None:
+            return
+        bundle = (args.dir / "ca.crt").read_bytes()
+        if not args.bundle.exists() or args.bundle.read_bytes() != bundle:
+            write_atomic(args.bundle, bundle, mode=0o644)
+            log.info("%s: the trust bundle changed; wrote %s", prefix, args.bundle)
+
+    copy_bundle()
     if args.watch:
         logs.configure("info")
-        keep_renewed(lambda: _load(prefix), renew, what=str(prefix), stop=_stop_on_signals())
+        keep_renewed(
+            lambda: _load(prefix),
+            renew,
+            what=str(prefix),
+            stop=_stop_on_signals(),
+            tick=copy_bundle,
+            tick_every=lambda _cert: 5.0,
+        )
         return 0
     current = _load(prefix)
     due = renewal_due(current)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import signal
 from typing import Any
 
 import h11
@@ -211,3 +212,37 @@ async def _websocket_echo(request: Any) -> None:
             await ws.send_message(message)
     except trio_websocket.ConnectionClosed:
         return
+
+
+async def serve_all(
+    host: str,
+    http_port: int = 8080,
+    tcp_port: int = 8081,
+    ws_port: int = 8082,
+    *,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The three demo services at once (``mtlsproxy demo-backend``)."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve, host, http_port)
+        await nursery.start(serve_tcp_echo, host, tcp_port)
+        await nursery.start(serve_websocket_echo, host, ws_port)
+        log.info(
+            "demo backend: HTTP on %s:%d, TCP echo on %s:%d, WebSocket echo on %s:%d",
+            host, http_port, host, tcp_port, host, ws_port,
+        )  # fmt: skip
+        task_status.started()
+
+
+def run(host: str, http_port: int, tcp_port: int, ws_port: int) -> None:
+    """Serve until SIGTERM or SIGINT."""
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_all, host, http_port, tcp_port, ws_port)
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    break
+
+    trio.run(main)

@@ -1,0 +1,106 @@
+"""deploy/: the compose file, the stack's proxy config and the Kubernetes example, read the
+way their tools would read them (the stack itself runs in tests_compose/)."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from mtlsproxy import config
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+
+
+def load_with_files(text: str, tmp_path: Path, prefix: str) -> config.Config:
+    """Parse a config whose files live under ``prefix`` (a container path), after creating
+    empty stand-ins for them under tmp_path."""
+    local = text.replace(prefix, f"{tmp_path}/")
+    for path in re.findall(rf'"({re.escape(str(tmp_path))}/[^"]+)"', local):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).touch()
+    return config.parse(tomllib.loads(local), tmp_path / "mtlsproxy.toml")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    return loaded
+
+
+def test_the_stack_has_its_services_and_publishes_only_the_proxy(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert set(services) == {"ca-init", "ca", "renew-server", "proxy", "backend", "loadgen"}
+    published = {name for name, s in services.items() if s.get("ports")}
+    assert published == {"proxy"}
+    assert services["loadgen"]["profiles"] == ["loadgen"]
+
+
+def test_start_order_waits_for_health(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    proxy = services["proxy"]["depends_on"]
+    assert proxy["ca-init"]["condition"] == "service_completed_successfully"
+    assert proxy["backend"]["condition"] == "service_healthy"
+    assert services["loadgen"]["depends_on"]["proxy"]["condition"] == "service_healthy"
+    for name in ("ca", "backend"):
+        assert services[name]["healthcheck"]["test"][0] == "CMD"
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert "HEALTHCHECK" in dockerfile and "/readyz" in dockerfile
+
+
+def test_only_the_ca_services_mount_the_ca_key(compose: dict[str, Any]) -> None:
+    mounting = {
+        name
+        for name, s in compose["services"].items()
+        if any(str(v).startswith("ca:") for v in s.get("volumes", []))
+    }
+    assert mounting == {"ca-init", "ca", "renew-server"}
+    assert all(v.endswith(":ro") for v in compose["services"]["proxy"]["volumes"])
+
+
+def test_the_image_runs_unprivileged_with_no_credentials() -> None:
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert "USER 10001" in dockerfile
+    assert "ARG BASE=python:3.11-slim" in dockerfile
+    assert not re.search(r"COPY .*\.(key|crt)\b", dockerfile)
+
+
+def test_the_stack_proxy_config_loads(tmp_path: Path) -> None:
+    cfg = load_with_files((DEPLOY / "proxy.toml").read_text(), tmp_path, "/var/lib/mtlsproxy/")
+    assert [lst.listen.port for lst in cfg.listeners] == [8443, 8444]
+    assert cfg.admin.listen.is_loopback
+
+
+def test_the_kubernetes_example(tmp_path: Path) -> None:
+    docs = list(yaml.safe_load_all((DEPLOY / "k8s" / "mtlsproxy.yaml").read_text()))
+    by_kind = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    deployment = by_kind[("Deployment", "mtlsproxy")]
+    service = by_kind[("Service", "mtlsproxy")]
+    config_map = by_kind[("ConfigMap", "mtlsproxy-config")]
+    cfg = load_with_files(config_map["data"]["mtlsproxy.toml"], tmp_path, "/etc/mtlsproxy/")
+    assert cfg.workers == "auto"
+
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["https"] == cfg.listeners[0].listen.port
+    assert ports["admin"] == cfg.admin.listen.port
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert pod["securityContext"]["runAsUser"] == 10001 and pod["securityContext"]["runAsNonRoot"]
+    # Secrets mounted read-only at the paths the config reads; no CA key anywhere.
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert all(m.get("readOnly") for m in mounts.values())
+    assert str(cfg.tls.cert).endswith("tls/tls.crt") and mounts["tls"]["mountPath"].endswith("/tls")
+    text = (DEPLOY / "k8s" / "mtlsproxy.yaml").read_text()
+    assert "issuer.key" not in text and "root.key" not in text
+    # the Service passes TCP through to the pods' https port
+    (svc_port,) = service["spec"]["ports"]
+    assert svc_port["targetPort"] == "https" and svc_port["protocol"] == "TCP"
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    # drains before the kubelet's SIGKILL
+    assert pod["terminationGracePeriodSeconds"] > cfg.drain_timeout.seconds
