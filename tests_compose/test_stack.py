@@ -125,6 +125,9 @@ def stack(base_image: str) -> Iterator[None]:
         yield
     finally:
         compose("down", "-v", "--rmi", "all", "--remove-orphans", check=False)
+        for title in ("mtlsproxy-build", "mtlsproxy", "mtlsproxy-loadgen"):  # build leftovers
+            sh("docker", "image", "prune", "-f", "--filter",
+               f"label=org.opencontainers.image.title={title}", check=False)  # fmt: skip
         for wheel in wheels.glob("*.whl"):
             wheel.unlink()
 
