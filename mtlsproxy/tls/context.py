@@ -15,11 +15,11 @@ Two kinds of context:
   certificate must chain to ``server_cas``; the host name is checked per connection by
   the engine (``TLSStream(server_hostname=...)``) through OpenSSL's own RFC 6125 matcher.
 
-Verification failures are *recorded* by the verify callback instead of being inspected
-after the fact: OpenSSL still decides (we return its ``ok`` unchanged, so it also picks
-the alert), and the callback only notes the first X509_V_ERR code on the connection's
-``VerifyRecord``; ``classify_failure`` turns that (or, without one, OpenSSL's error
-queue) into the reason category the engine reports: *why* a handshake failed.
+Verification is OpenSSL's own, with no Python callback per certificate (measured: it
+costs on every handshake). When it fails, OpenSSL keeps the first X509_V_ERR code on the
+connection (``verify_result``); ``classify_failure`` turns that (or, without one,
+OpenSSL's error queue) into the reason category the engine reports: *why* a handshake
+failed.
 
 Session resumption and context rotation: every ``SSL_CTX`` has its own in-memory session
 cache and draws its own random TLS session ticket keys when it is created. A session
@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 from cryptography import x509
@@ -53,11 +52,11 @@ __all__ = [
     "TLS12_CIPHERS",
     "HandshakeFailure",
     "NoApplicationProtocol",
-    "VerifyRecord",
     "build_client_context",
     "build_server_context",
     "classify_failure",
     "expect_host",
+    "verify_result",
 ]
 
 # TLS 1.2 only: forward secrecy (ECDHE) and AEAD ciphers, nothing else. TLS 1.3 suites are
@@ -94,28 +93,15 @@ class NoApplicationProtocol(SSL.Error):
     """The client offered ALPN protocols and none of ours."""
 
 
-@dataclass(slots=True)
-class VerifyRecord:
-    """Why OpenSSL rejected the peer's certificate; the engine hangs one on each connection.
+def verify_result(conn: SSL.Connection) -> int:
+    """The X509_V_ERR code of the peer's chain verification (0: none, or it passed).
 
-    Only the first failure is kept: it is the one OpenSSL builds its alert from.
+    OpenSSL stops at the first failure and keeps its code on the connection; it is the one
+    its alert was built from. Read after a failed handshake, it says why, with no Python
+    verify callback running for every certificate of every handshake.
     """
-
-    error: int | None = None
-    depth: int | None = None
-
-
-def _verify_callback(
-    conn: SSL.Connection, _cert: crypto.X509, errnum: int, depth: int, ok: int
-) -> bool:
-    # Called once per certificate in the chain. Must stay trivial: an exception here would
-    # be stored by pyOpenSSL and re-raised from do_handshake, hiding the real reason.
-    if not ok:
-        record = conn.get_app_data()
-        if isinstance(record, VerifyRecord) and record.error is None:
-            record.error = errnum
-            record.depth = depth
-    return bool(ok)
+    # pyOpenSSL keeps the SSL* in the private ``_ssl`` (as for session_reused).
+    return int(_lib.SSL_get_verify_result(conn._ssl))
 
 
 # X509_V_ERR_* codes (openssl/x509_vfy.h) grouped by what the operator has to do;
@@ -136,13 +122,12 @@ def _verify_error_text(code: int) -> str:
     return str(_ffi.string(_lib.X509_verify_cert_error_string(code)).decode("ascii", "replace"))
 
 
-def classify_failure(exc: BaseException, record: VerifyRecord) -> tuple[HandshakeFailure, str]:
-    """The reason category of a failed handshake, from what the verify callback recorded
-    or else from OpenSSL's error queue."""
-    if record.error is not None:
-        code = record.error
-        text = f"X509_V_ERR {code} at depth {record.depth}: {_verify_error_text(code)}"
-        return _VERIFY_CATEGORY.get(code, "bad_cert"), text
+def classify_failure(exc: BaseException, verify_code: int) -> tuple[HandshakeFailure, str]:
+    """The reason category of a failed handshake, from the chain verification's result
+    (``verify_result``) or else from OpenSSL's error queue."""
+    if verify_code:
+        text = f"X509_V_ERR {verify_code}: {_verify_error_text(verify_code)}"
+        return _VERIFY_CATEGORY.get(verify_code, "bad_cert"), text
     if isinstance(exc, NoApplicationProtocol):
         return "protocol_error", f"no_application_protocol: {exc}"
     reasons: list[str] = []
@@ -164,7 +149,7 @@ def _base_context(min_version: str, mode: int) -> SSL.Context:
     ctx.set_options(_OPTIONS)
     ctx.set_mode(_SSL_MODE_NO_AUTO_CHAIN)
     ctx.set_cipher_list(TLS12_CIPHERS.encode("ascii"))
-    ctx.set_verify(mode, _verify_callback)
+    ctx.set_verify(mode)  # OpenSSL's own verification; verify_result() says why it failed
     return ctx
 
 

@@ -58,7 +58,7 @@ from OpenSSL import SSL, crypto
 from OpenSSL._util import lib as _lib
 
 from mtlsproxy.errors import MtlsProxyError
-from mtlsproxy.tls.context import HandshakeFailure, VerifyRecord, classify_failure, expect_host
+from mtlsproxy.tls.context import HandshakeFailure, classify_failure, expect_host, verify_result
 
 __all__ = ["HandshakeError", "HandshakeFailure", "TLSStream"]
 
@@ -119,8 +119,6 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._sock = socket.socket(fileno=transport.socket.detach())
         self._sock.setblocking(False)
         self._conn = SSL.Connection(context, self._sock)
-        self._verify = VerifyRecord()
-        self._conn.set_app_data(self._verify)
         if server_side:
             self._conn.set_accept_state()
         else:
@@ -208,7 +206,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 await self._io(self._conn.do_handshake)
         except (SSL.Error, OSError) as exc:
             self._broken = True
-            reason, detail = classify_failure(exc, self._verify)
+            reason, detail = classify_failure(exc, verify_result(self._conn))
             await self._close_after_alert()
             raise HandshakeError(reason, detail) from exc
         except BaseException:
