@@ -180,6 +180,9 @@ class TLS(Struct, frozen=True):
     # How often live sessions are checked for expiry, the deny list and a removed CA
     # (and at once after every reload).
     enforce_interval: Duration = Duration("1s")
+    # A condemned session (expired, denied, CA removed) may finish the response in flight
+    # for this long; then it is cut.
+    enforce_grace: Duration = Duration("10s")
     # The server certificate or a CA of the bundle this close to its end is logged as a
     # warning (and flagged in metrics). Unset: a quarter of each certificate's lifetime,
     # at most 30 days (6 hours for a 24-hour certificate renewed at two thirds).

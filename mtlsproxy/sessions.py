@@ -49,13 +49,19 @@ class Session:
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     idle_scope: trio.CancelScope | None = None
     closing: str | None = None  # the reason, once asked to close
+    closing_since: float | None = None  # trio clock of the first close request
 
     def close(self, reason: str) -> None:
         """Finish what is in flight, then close; idle connections close now."""
         if self.closing is None:
             self.closing = reason
+            self.closing_since = trio.current_time()
         if self.idle_scope is not None:
             self.idle_scope.cancel()
+
+    def cut(self) -> None:
+        """Close now, in the middle of whatever is in flight."""
+        self.cancel_scope.cancel()
 
 
 class SessionRegistry:
@@ -115,12 +121,20 @@ class Enforcer:
     """Closes live sessions that ``verdict`` condemns; wakes every interval and on swaps."""
 
     def __init__(
-        self, registry: SessionRegistry, store: CredentialStore, metrics: Metrics, interval: float
+        self,
+        registry: SessionRegistry,
+        store: CredentialStore,
+        metrics: Metrics,
+        interval: float,
+        grace: float = 10.0,
     ) -> None:
         self._registry = registry
         self._store = store
         self._metrics = metrics
         self._interval = interval
+        # How long a condemned session may go on finishing the response in flight (a
+        # long download, a server-sent event stream) before it is cut.
+        self._grace = grace
         self._wake = trio.Event()
         store.subscribe(on_swap=lambda _material: self._wake.set())
 
@@ -135,8 +149,10 @@ class Enforcer:
         material = self._store.current()
         now = now or datetime.now(UTC)
         closed = 0
+        clock = trio.current_time()
         for session in self._registry:
             if session.closing is not None:
+                self._cut_if_overdue(session, clock)
                 continue
             reason = verdict(session, material, now)
             if reason is None:
@@ -152,3 +168,19 @@ class Enforcer:
             session.close(reason)
             closed += 1
         return closed
+
+    def _cut_if_overdue(self, session: Session, clock: float) -> None:
+        # A drain has its own deadline (drain_timeout); enforcement has the grace.
+        since = session.closing_since
+        if session.closing == "shutdown" or since is None or clock - since < self._grace:
+            return
+        if not session.cancel_scope.cancel_called:
+            log.warning(
+                "cutting session of %s from %s on %s: %s, and still busy after %g s",
+                session.identity.name,
+                session.peer,
+                session.listener,
+                session.closing,
+                self._grace,
+            )
+            session.cut()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shutil
 import socket
@@ -310,3 +311,45 @@ async def test_a_resumed_session_with_an_expired_certificate_is_refused(
     assert data.startswith(b"HTTP/1.1 403")  # ...the proxy did look
     labels = {"listener": "127.0.0.1:0", "result": "expired", "resumed": "true"}
     assert env.proxy.metrics.sample("mtlsproxy_handshakes_total", labels) == 1
+
+
+async def test_a_response_that_never_ends_is_cut_after_the_grace(
+    make_env: Any, creds: Path, nursery: trio.Nursery
+) -> None:
+    async def endless(stream: trio.SocketStream) -> None:  # an event stream that never ends
+        await read_request(stream)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            while True:
+                await stream.send_all(b"6\r\nevent\n\r\n")
+                await trio.sleep(0.1)
+
+    port = await serve_raw(nursery, endless)
+    env = await rotatable(make_env, creds, routes=route([port]), backends=0,
+                          tls=f'{FAST}\nenforce_grace = "1s"')  # fmt: skip
+    ctx = ssl.create_default_context(cafile=str(env.ca_bundle))
+    ctx.load_cert_chain(env.client.crt, env.client.key)
+
+    def stream_until_cut() -> tuple[int, float]:
+        with (
+            socket.create_connection(("127.0.0.1", env.port), timeout=CLIENT_TIMEOUT) as raw,
+            ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+        ):
+            tls.sendall(b"GET /events HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            received, denied_at = 0, 0.0
+            while True:
+                try:
+                    chunk = tls.recv(65536)
+                except (ConnectionResetError, ssl.SSLError):
+                    chunk = b""
+                if not chunk:
+                    return received, time.monotonic() - denied_at
+                received += len(chunk)
+                if received > 200 and not denied_at:
+                    write_atomic(creds / "deny.txt", f"sha256:{sha256_of(env.client)}\n".encode())
+                    denied_at = time.monotonic()
+
+    with trio.fail_after(20):
+        received, after = await trio.to_thread.run_sync(stream_until_cut)
+    assert received > 200
+    assert after < 6  # the poll (0.2 s), the grace (1 s), a sweep (0.2 s); not forever

@@ -78,7 +78,11 @@ class Proxy:
         self.draining = False
         self.serving = False
         self.enforcer = Enforcer(
-            self.sessions, self.store, self.metrics, config.tls.enforce_interval.seconds
+            self.sessions,
+            self.store,
+            self.metrics,
+            config.tls.enforce_interval.seconds,
+            grace=config.tls.enforce_grace.seconds,
         )
         self.admin = Admin(
             self.store, self.metrics, self._not_ready, reload=self.reload, settings=config.admin
