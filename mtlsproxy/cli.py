@@ -67,6 +67,8 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 
 
 def _duration(text: str) -> float:
+    if text.strip() == "0":
+        return 0.0  # "none at all" needs no unit
     try:
         return parse_duration(text).total_seconds()
     except ValueError as exc:

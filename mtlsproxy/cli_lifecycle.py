@@ -21,7 +21,13 @@ from mtlsproxy.client import default_prefix, refresh_bundle, renew_once
 from mtlsproxy.errors import CAError, UsageError
 from mtlsproxy.pki import CertificateAuthority
 from mtlsproxy.pki.keys import KEY_TYPES
-from mtlsproxy.pki.lifecycle import LeafIdentity, RetryLater, keep_renewed, renewal_due
+from mtlsproxy.pki.lifecycle import (
+    LeafIdentity,
+    RetryLater,
+    audited_ttl,
+    keep_renewed,
+    renewal_due,
+)
 from mtlsproxy.pki.rotation import retire, rotate
 from mtlsproxy.pki.service import RenewalService, ServiceSettings
 from mtlsproxy.units import format_duration
@@ -147,14 +153,18 @@ def _stop_on_signals() -> Callable[[], bool]:
 
 def _ca_renew(args: argparse.Namespace) -> int:
     prefix = default_prefix(args.cert)
-    ttl = timedelta(seconds=args.ttl) if args.ttl else None
+    CertificateAuthority.load_current(args.dir)  # a wrong --dir fails now, not in a loop
+    _load(prefix)  # and so does a wrong --cert
 
     def renew() -> Any:
         try:
             ca = CertificateAuthority.load(args.dir)
         except CAError as exc:
             raise RetryLater(str(exc)) from exc  # a rotation in progress
-        issued = ca.reissue(LeafIdentity.of(_load(prefix)), ttl=ttl, key_type=args.key_type)
+        current = _load(prefix)
+        # The TTL it was issued with, from the audit log; else inferred from its window.
+        ttl = timedelta(seconds=args.ttl) if args.ttl else audited_ttl(args.dir, current)
+        issued = ca.reissue(LeafIdentity.of(current), ttl=ttl, key_type=args.key_type)
         issued.write(prefix)
         return issued.certificate
 
@@ -169,6 +179,8 @@ def _ca_renew(args: argparse.Namespace) -> int:
     copy_bundle()
     if args.watch:
         logs.configure("info")
+        if args.force:
+            renew()
         keep_renewed(
             lambda: _load(prefix),
             renew,
@@ -176,6 +188,7 @@ def _ca_renew(args: argparse.Namespace) -> int:
             stop=_stop_on_signals(),
             tick=copy_bundle,
             tick_every=lambda _cert: 5.0,
+            renew_expired=True,
         )
         return 0
     current = _load(prefix)
@@ -279,7 +292,7 @@ def _client_renew(args: argparse.Namespace) -> int:
     try:
         fresh = renew()
     except RetryLater as exc:
-        raise CAError(f"the renewal service is unavailable: {exc}") from exc
+        raise CAError(f"no renewal this time: {exc}; try again later, or use --watch") from exc
     print(
         f"renewed {prefix}.crt at {args.url}: valid until "
         f"{fresh.not_valid_after_utc:%Y-%m-%d %H:%M:%S}Z"

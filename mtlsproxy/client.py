@@ -26,6 +26,7 @@ requests and httpx are needed only for their helpers (``pip install mtlsproxy[cl
 from __future__ import annotations
 
 import http.client
+import logging
 import ssl
 import threading
 from pathlib import Path
@@ -54,6 +55,7 @@ __all__ = [
 ]
 
 TIMEOUT = 15.0
+log = logging.getLogger("mtlsproxy.renew")
 
 
 def _signature(*paths: Path) -> tuple[tuple[int, int, int], ...]:
@@ -136,8 +138,14 @@ def requests_session(cert: str | Path, key: str | Path, ca: str | Path) -> reque
             super().init_poolmanager(*args, **kwargs)
 
     class _Session(requests.Session):
+        seen = ctx.generation
+
         def send(self, request: Any, **kwargs: Any) -> Any:
-            if ctx.refresh():
+            # By generation, not by refresh()'s answer: a new connection elsewhere may
+            # have loaded the renewal already (refresh() then says "no change").
+            ctx.refresh()
+            if ctx.generation != self.seen:
+                self.seen = ctx.generation
                 for adapter in self.adapters.values():
                     adapter.close()
             return super().send(request, **kwargs)
@@ -184,8 +192,6 @@ def renew_once(
     call = _caller(url, ca, cert_path, key_path)
     status, body = call("POST", "/renew", csr.public_bytes(serialization.Encoding.PEM))
     reason = body.decode("utf-8", "replace").strip()
-    if status == 429 or status >= 500:
-        raise RetryLater(f"{url}: {status} {reason}")
     if status != 200:
         raise RenewRefused(f"{url} refused the renewal: {status} {reason}")
     chain = pem.load_certificates(body, url)
@@ -197,9 +203,16 @@ def renew_once(
     ):
         raise RenewRefused(f"{url} answered a certificate for another key")
     # Key first: a reader between the two writes sees a mismatched pair and keeps the old.
+    # The old key stays as PREFIX.key.prev, so an interruption between the two writes does
+    # not lock us out of the next renewal.
+    if key_path.exists():
+        write_atomic(key_path.with_name(key_path.name + ".prev"), key_path.read_bytes(), 0o600)
     write_atomic(key_path, pem.private_key_pem(key), mode=0o600)
     write_atomic(cert_path, body, mode=0o644)
-    _store_bundle(call, url, ca)
+    try:
+        _store_bundle(call, url, ca)
+    except (RetryLater, CAError) as exc:  # the renewal itself succeeded
+        log.warning("renewed %s, but could not refresh %s: %s", cert_path, ca, exc)
     return leaf
 
 
@@ -224,11 +237,21 @@ def _caller(url: str, ca: Path, cert_path: Path, key_path: Path) -> Any:
     parts = urlsplit(url)
     if parts.scheme != "https" or not parts.hostname:
         raise CAError(f"{url}: the renewal service URL must be https://host:port")
+    ctx = ssl.create_default_context(cafile=str(ca)) if ca.exists() else None
+    if ctx is None:
+        raise CAError(f"{ca}: no such trust bundle")
     try:
-        ctx = ssl.create_default_context(cafile=str(ca))
         ctx.load_cert_chain(str(cert_path), str(key_path))
-    except (OSError, ssl.SSLError) as exc:
-        raise RetryLater(f"cannot load {cert_path} / {ca}: {exc}") from exc
+    except ssl.SSLError as exc:
+        # A renewal interrupted between its two writes leaves the new key beside the old
+        # certificate: the previous key (kept for this) still matches it.
+        previous = key_path.with_name(key_path.name + ".prev")
+        try:
+            ctx.load_cert_chain(str(cert_path), str(previous))
+        except (OSError, ssl.SSLError):
+            raise CAError(f"cannot use {cert_path} with {key_path}: {exc}") from exc
+    except OSError as exc:
+        raise CAError(f"cannot read {cert_path} or {key_path}: {exc}") from exc
     base = parts.path.rstrip("/")
 
     def call(method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
@@ -239,11 +262,19 @@ def _caller(url: str, ca: Path, cert_path: Path, key_path: Path) -> Any:
             headers = {"content-type": "application/pkcs10"} if body else {}
             conn.request(method, base + path, body=body, headers=headers)
             answer = conn.getresponse()
-            return answer.status, answer.read()
+            data = answer.read()
         except (OSError, http.client.HTTPException) as exc:
             raise RetryLater(f"{url}: {exc}") from exc
         finally:
             conn.close()
+        if answer.status == 429 or answer.status >= 500:
+            retry = answer.getheader("retry-after")
+            reason = data.decode("utf-8", "replace").strip()
+            raise RetryLater(
+                f"{url}: {answer.status} {reason}",
+                float(retry) if retry and retry.isdigit() else None,
+            )
+        return answer.status, data
 
     return call
 

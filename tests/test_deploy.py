@@ -104,3 +104,10 @@ def test_the_kubernetes_example(tmp_path: Path) -> None:
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
     # drains before the kubelet's SIGKILL
     assert pod["terminationGracePeriodSeconds"] > cfg.drain_timeout.seconds
+
+
+def test_the_admin_port_is_fenced_in_the_kubernetes_example() -> None:
+    docs = list(yaml.safe_load_all((DEPLOY / "k8s" / "mtlsproxy.yaml").read_text()))
+    (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    admin_rules = [r for r in policy["spec"]["ingress"] if r["ports"][0]["port"] == 9901]
+    assert admin_rules and all(r.get("from") for r in admin_rules)  # never open to all

@@ -25,7 +25,13 @@ from support import MTLSPROXY, Pair
 from mtlsproxy import client, pem
 from mtlsproxy.address import Address
 from mtlsproxy.pki import CertificateAuthority
-from mtlsproxy.pki.lifecycle import LeafIdentity, read_audit, renewal_due
+from mtlsproxy.pki.lifecycle import (
+    LeafIdentity,
+    RetryLater,
+    keep_renewed,
+    read_audit,
+    renewal_due,
+)
 from mtlsproxy.pki.service import RenewalService, ServiceSettings
 
 
@@ -263,7 +269,7 @@ def test_client_renew_says_why_when_refused(fresh_ca: CertificateAuthority, tmp_
     player = issue(fresh_ca, tmp_path / "p", name="player")
     down = run("client", "renew", "--url", f"https://localhost:{free_port()}", "--ca",
                fresh_ca.folder / "ca.crt", "--cert", tmp_path / "p", ok=False)  # fmt: skip
-    assert down.returncode != 0 and "unavailable" in down.stderr
+    assert down.returncode != 0 and "no renewal this time" in down.stderr
     assert load(player.crt)  # untouched
 
 
@@ -309,6 +315,9 @@ async def test_helpers_trust_only_the_private_ca_and_follow_a_renewal(
 
     assert await trio.to_thread.run_sync(seen_hashes) == (hash_of(player),) * 3
     issue(fresh_ca, tmp_path / "p", name="player")  # a renewal, written in place
+    # Another user of the context (a new connection in another thread) loads it first:
+    # the session must still drop its pooled connection with the old certificate.
+    session.ssl_context.refresh()  # type: ignore[attr-defined]
     # new connections (httpx's pooled one is closed first, as a server would do it)
     http.close()
     http = client.httpx_client(player.crt, player.key, bundle)
@@ -415,3 +424,101 @@ async def test_a_proxy_following_the_bundle_closes_sessions_of_a_retired_root(
 
     assert await trio.to_thread.run_sync(closed)
     live.close()
+
+
+# --- regressions from a review ----------------------------------------------------------
+
+
+async def test_an_exotic_csr_is_refused_and_the_service_lives_on(
+    nursery: trio.Nursery, fresh_ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    _, url = await start_service(nursery, fresh_ca, min_interval=timedelta(0))
+    player = issue(fresh_ca, tmp_path / "p", name="player")
+    sm2_key = tmp_path / "sm2.key"
+    made = subprocess.run(["openssl", "genpkey", "-algorithm", "SM2", "-out", str(sm2_key)],
+                          capture_output=True, check=False)  # fmt: skip
+    if made.returncode != 0:
+        pytest.skip("this OpenSSL cannot make SM2 keys")
+    sm2_csr = subprocess.run(
+        ["openssl", "req", "-new", "-key", str(sm2_key), "-subj", "/CN=x", "-sm3"],
+        capture_output=True, check=True,
+    ).stdout  # fmt: skip
+    bundle = fresh_ca.folder / "ca.crt"
+    answer = await trio.to_thread.run_sync(post_renew, url, player, bundle, sm2_csr)
+    assert answer.status_code == 400
+    _, good = csr_for("x")
+    assert (await trio.to_thread.run_sync(post_renew, url, player, bundle, good)).status_code == 200
+
+
+def test_a_rate_limit_longer_than_a_lifetime_is_capped(fresh_ca: CertificateAuthority) -> None:
+    settings = ServiceSettings(folder=fresh_ca.folder, listen=Address("127.0.0.1", 0),
+                               ttl=timedelta(seconds=60), min_interval=timedelta(minutes=1))  # fmt: skip
+    assert RenewalService(settings).settings.min_interval == timedelta(seconds=15)
+
+
+def test_the_renewal_loop_waits_as_long_as_the_service_asks(
+    fresh_ca: CertificateAuthority,
+) -> None:
+    cert = fresh_ca.issue(kind="client", name="x", ttl=timedelta(hours=1),
+                          now=datetime.now(UTC) - timedelta(minutes=50)).certificate  # fmt: skip
+    pauses: list[float] = []
+    attempts = iter([RetryLater("429", retry_after=7), RetryLater("down"), None])
+
+    done: list[bool] = []
+
+    def renew() -> x509.Certificate:
+        outcome = next(attempts)
+        if outcome is not None:
+            raise outcome
+        done.append(True)
+        return cert
+
+    keep_renewed(lambda: cert, renew, what="x", sleep=pauses.append,
+                 stop=lambda: bool(done) or len(pauses) > 10)  # fmt: skip
+    assert done and pauses[:2] == [7, 2]  # Retry-After first, then the back-off doubling
+
+
+def test_retire_without_a_complete_audit_log_waits_for_the_old_issuer(
+    fresh_ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    fresh_ca.issue(kind="client", name="long", ttl=timedelta(days=30))
+    (fresh_ca.folder / "audit.log").unlink()  # a CA from before the audit log, or a lost one
+    run("ca", "rotate", "--dir", fresh_ca.folder, "--grace", "0")
+    fresh_ca_new = CertificateAuthority.load(fresh_ca.folder)
+    fresh_ca_new.issue(kind="client", name="new")
+    early = run("ca", "retire", "--dir", fresh_ca.folder, ok=False)
+    assert early.returncode != 0
+    assert f"{fresh_ca.issuer.not_valid_after_utc:%Y-%m-%d}" in early.stderr  # the issuer's end
+
+
+def test_an_interrupted_renewal_does_not_lock_the_client_out(
+    fresh_ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        async with trio.open_nursery() as nursery:
+            _, url = await start_service(nursery, fresh_ca, min_interval=timedelta(0))
+            prefix = tmp_path / "p"
+            issue(fresh_ca, prefix, name="player")
+            await trio.to_thread.run_sync(
+                client.renew_once, url, fresh_ca.folder / "ca.crt", prefix
+            )
+            # Crash between the two writes of the next renewal: the key kept as .prev,
+            # a new key written, the certificate not yet.
+            (tmp_path / "p.key.prev").write_bytes((tmp_path / "p.key").read_bytes())
+            other = fresh_ca.issue(kind="client", name="whatever")
+            assert other.key is not None
+            (tmp_path / "p.key").write_bytes(pem.private_key_pem(other.key))
+            renewed = await trio.to_thread.run_sync(
+                client.renew_once, url, fresh_ca.folder / "ca.crt", prefix
+            )
+            assert renewed.subject.rfc4514_string() == "CN=player"
+            nursery.cancel_scope.cancel()
+
+    trio.run(scenario)
+
+
+def test_ca_renew_says_what_is_wrong_with_its_arguments(tmp_path: Path) -> None:
+    missing = run("ca", "renew", "--dir", tmp_path / "nope", "--cert", tmp_path / "x", "--watch",
+                  ok=False)  # fmt: skip
+    assert missing.returncode != 0 and "no CA here" in missing.stderr
+    assert "Traceback" not in missing.stderr

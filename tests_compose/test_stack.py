@@ -269,3 +269,29 @@ def test_the_loadgen_profile_runs_the_benchmark_against_the_stack(stack: None) -
     assert [r["mode"] for r in results] == ["full", "resumed", "keepalive"], done.stdout
     for result in results:
         assert result["ops"] > 0 and result["errors"] == 0, result
+
+
+def test_a_client_renews_at_the_stacks_renewal_service(stack: None) -> None:
+    script = (
+        "set -e; mtlsproxy ca issue --dir /var/lib/mtlsproxy/ca --kind client --name renewer "
+        "--ttl 1h --out /tmp/renewer >/dev/null; cp /var/lib/mtlsproxy/ca/ca.crt /tmp/trust.crt; "
+        "mtlsproxy client renew --url https://ca:9443 --ca /tmp/trust.crt --cert /tmp/renewer; "
+        "rm /tmp/renewer.key /tmp/renewer.key.prev"
+    )
+    done = compose("exec", "-T", "ca", "sh", "-c", script)
+    assert "renewed /tmp/renewer.crt at https://ca:9443" in done.stdout
+
+
+def test_a_ca_rotation_reaches_the_proxys_bundle_and_old_clients_still_get_in(
+    tester: dict[str, Path],
+) -> None:
+    compose("exec", "-T", "ca", "mtlsproxy", "ca", "rotate", "--dir", "/var/lib/mtlsproxy/ca",
+            "--grace", "1h")  # fmt: skip
+    count = "print(open('/var/lib/mtlsproxy/certs/ca.crt').read().count('BEGIN CERTIFICATE'))"
+    deadline = time.monotonic() + 30
+    while compose("exec", "-T", "proxy", "python3", "-c", count).stdout.strip() != "2":
+        assert time.monotonic() < deadline, "renew-server never copied the rotated bundle"
+        time.sleep(1)
+    answer = requests.get(f"https://localhost:{HTTPS_PORT}/", verify=str(tester["ca"]),
+                          cert=(str(tester["crt"]), str(tester["key"])), timeout=20)  # fmt: skip
+    assert answer.status_code == 200  # a certificate of the old root, still trusted

@@ -37,7 +37,7 @@ from mtlsproxy.atomicfile import write_atomic
 from mtlsproxy.errors import CAError, CredentialError
 from mtlsproxy.pki import names
 from mtlsproxy.pki.keys import KeyType, generate_key, signature_hash
-from mtlsproxy.pki.lifecycle import LeafIdentity, audit, backdate
+from mtlsproxy.pki.lifecycle import AUDIT_BEGINS, LeafIdentity, audit, backdate
 from mtlsproxy.units import format_duration
 
 Kind = Literal["server", "client"]
@@ -140,6 +140,9 @@ class CertificateAuthority:
         write_atomic(folder / ISSUER_CERT, pem.certificate_pem(issuer))
         # The bundle goes last: its presence is what says "a whole CA lives here".
         write_atomic(folder / BUNDLE, pem.certificate_pem(root))
+        # From here on every issuance under this root is on record (``ca retire`` relies
+        # on that, and falls back to the issuer's own end for a root without this line).
+        audit(folder, root, issuer=root, root=root, by=AUDIT_BEGINS)
         return cls(folder, root, issuer, issuer_key)
 
     @classmethod

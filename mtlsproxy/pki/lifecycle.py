@@ -35,6 +35,7 @@ log = logging.getLogger("mtlsproxy.renew")
 RENEW_AT = 2 / 3
 JITTER = 0.05
 AUDIT_LOG = "audit.log"
+AUDIT_BEGINS = "audit begins"  # the record a new root starts with; not an issuance
 
 
 def renewal_due(cert: x509.Certificate, rng: random.Random | None = None) -> datetime:
@@ -164,6 +165,16 @@ def audit(
         os.close(fd)
 
 
+def audited_ttl(folder: Path, cert: x509.Certificate) -> timedelta | None:
+    """The TTL ``cert`` was issued with, as the audit log recorded it (None: not there)."""
+    serial = format(cert.serial_number, "x")
+    for record in reversed(read_audit(folder) or []):
+        if record.serial == serial and record.by != AUDIT_BEGINS:
+            issued = datetime.fromisoformat(record.time)
+            return timedelta(seconds=round((cert.not_valid_after_utc - issued).total_seconds()))
+    return None
+
+
 def read_audit(folder: Path) -> list[AuditRecord] | None:
     """Every issuance on record, or None when this CA has no audit log at all."""
     path = folder / AUDIT_LOG
@@ -182,7 +193,12 @@ def read_audit(folder: Path) -> list[AuditRecord] | None:
 
 
 class RetryLater(Exception):
-    """A renewal failed in a way worth retrying (service down, busy, rate limited)."""
+    """A renewal failed in a way worth retrying (service down, busy, rate limited);
+    ``retry_after`` is the wait the service asked for, in seconds, if it said."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 def keep_renewed(
@@ -196,6 +212,7 @@ def keep_renewed(
     max_backoff: float = 60.0,
     tick: Callable[[], None] | None = None,
     tick_every: Callable[[x509.Certificate], float] = lambda _cert: 60.0,
+    renew_expired: bool = False,
 ) -> None:
     """Renew ``current()`` at its renewal time, forever (until ``stop()``).
 
@@ -204,6 +221,8 @@ def keep_renewed(
     expiring before a renewal succeeded, is raised: a person has to look.
     ``tick`` runs every ``tick_every(cert)`` seconds while waiting (the client refreshes
     its trust bundle there); a ``RetryLater`` from it is logged and waited out.
+    ``renew_expired``: the CA's own tool may renew a certificate past its end (a client
+    renewing over TLS cannot: it has nothing valid left to prove who it is).
     """
     while not stop():
         cert = current()
@@ -223,6 +242,8 @@ def keep_renewed(
         backoff = 1.0
         while not stop():
             left = (cert.not_valid_after_utc - datetime.now(UTC)).total_seconds()
+            if renew_expired:
+                left = max(left, 2 * max_backoff)
             if left <= 0:
                 raise CAError(
                     f"{what}: the certificate expired at "
@@ -232,7 +253,8 @@ def keep_renewed(
             try:
                 fresh = renew()
             except RetryLater as exc:
-                pause = min(backoff, max(left / 2, 0.1))
+                wanted = max(backoff, exc.retry_after or 0.0)
+                pause = min(wanted, max(left / 2, 0.1))
                 log.warning("%s: renewal failed (%s); retrying in %.1f s", what, exc, pause)
                 sleep(pause)
                 backoff = min(backoff * 2, max_backoff)

@@ -44,7 +44,7 @@ from mtlsproxy.pki.ca import (
     CertificateAuthority,
 )
 from mtlsproxy.pki.keys import KeyType
-from mtlsproxy.pki.lifecycle import read_audit, sha256_of
+from mtlsproxy.pki.lifecycle import AUDIT_BEGINS, audit, read_audit, sha256_of
 
 PREVIOUS, RETIRED = "previous", "retired"
 
@@ -68,12 +68,17 @@ class PreviousRoot:
         return datetime.fromisoformat(msgspec.json.decode(marker.read_bytes())["switch_at"])
 
     def last_valid(self, ca_folder: Path) -> datetime:
-        """Until when a certificate this root's issuer signed can still be valid."""
-        records = read_audit(ca_folder)
-        if records is None:
-            return self.issuer.not_valid_after_utc
-        ends = [datetime.fromisoformat(r.not_after) for r in records if r.root == self.fingerprint]
-        return max(ends, default=datetime.min.replace(tzinfo=UTC))
+        """Until when a certificate this root's issuer signed can still be valid: the
+        latest end on record, when the audit log covers this root's whole life (it starts
+        with an "audit begins" line for it); else the issuer's own end, as no leaf
+        outlives its issuer."""
+        records = read_audit(ca_folder) or []
+        mine = [r for r in records if r.root == self.fingerprint]
+        ends = [datetime.fromisoformat(r.not_after) for r in mine if r.by != AUDIT_BEGINS]
+        latest = max(ends, default=datetime.min.replace(tzinfo=UTC))
+        if not any(r.by == AUDIT_BEGINS for r in mine):
+            return max(latest, self.issuer.not_valid_after_utc)
+        return latest
 
 
 def previous_roots(folder: Path) -> list[PreviousRoot]:
@@ -135,6 +140,7 @@ def rotate(
         write_atomic(folder / file, (staging / file).read_bytes(), mode=mode)
     shutil.rmtree(staging)
     current = CertificateAuthority.load_current(folder)
+    audit(folder, current.root, issuer=current.root, root=current.root, by=AUDIT_BEGINS)
     previous = previous_roots(folder)
     _write_bundle(folder, current.root, previous)
     old_root = next(p for p in previous if p.fingerprint == sha256_of(old.root))

@@ -21,8 +21,11 @@ after a rotation); clients verify it against the bundle.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -45,6 +48,7 @@ from mtlsproxy.pki.lifecycle import LeafIdentity, renewal_due, sha256_of
 from mtlsproxy.policy import denied_by
 from mtlsproxy.tls.context import build_server_context
 from mtlsproxy.tls.engine import HandshakeError, TLSStream
+from mtlsproxy.units import format_duration
 
 log = logging.getLogger("mtlsproxy.ca")
 
@@ -84,12 +88,25 @@ def _tolerate_expired_leaf(
 
 class RenewalService:
     def __init__(self, settings: ServiceSettings) -> None:
+        limit = settings.ttl / 4
+        if settings.min_interval > limit:
+            # Renewal comes at about 2/3 of a lifetime; a limit longer than the rest of it
+            # would refuse every client until its certificate expired.
+            log.warning(
+                "min_interval %s is more than a quarter of the TTL %s; using %s",
+                format_duration(settings.min_interval),
+                format_duration(settings.ttl),
+                format_duration(limit),
+            )
+            settings = dataclasses.replace(settings, min_interval=limit)
         self.settings = settings
         self._last: dict[str, float] = {}  # identity key -> monotonic time of last issuance
         self._context: SSL.Context | None = None
-        self._context_key: tuple[bytes, bytes] | None = None  # (bundle, issuer) it was built on
+        self._context_key: tuple[object, ...] | None = None  # the files it was built on
+        self._context_lock = threading.Lock()
         self._own_due: datetime | None = None
         self._deny: tuple[float, DenyList] | None = None
+        self._lock = threading.Lock()
         self.issued = 0
 
     # ---- material -----------------------------------------------------------------
@@ -106,20 +123,37 @@ class RenewalService:
                 time.sleep(0.05)
         raise AssertionError("unreachable")
 
-    def context(self) -> SSL.Context:
-        """The TLS context: rebuilt when the bundle or issuer changed, or our own
-        certificate is due for renewal."""
+    def _files_signature(self) -> tuple[object, ...]:
+        """What the context is built from, by file metadata (a stat, no read)."""
         folder = self.settings.folder
-        ca = self._ca()
-        key = ((folder / BUNDLE).read_bytes(), sha256_of(ca.issuer).encode())
+        stats = []
+        for path in (folder / BUNDLE, folder / "issuer.crt"):
+            st = path.stat()
+            stats.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        previous = folder / "previous"
+        names = sorted(p.name for p in previous.iterdir()) if previous.is_dir() else []
+        return (*stats, *names)
+
+    def context(self) -> SSL.Context:
+        """The TLS context: rebuilt when the bundle, the issuer or the rotation state
+        changed, when a rotation's grace period ends, or when our own certificate is due.
+        Otherwise a stat of two files: it runs for every connection (in a thread)."""
+        with self._context_lock:
+            return self._current_context()
+
+    def _current_context(self) -> SSL.Context:
+        signature = self._files_signature()
         now = datetime.now(UTC)
         if (
             self._context is not None
-            and key == self._context_key
+            and signature == self._context_key
             and self._own_due is not None
             and now < self._own_due
         ):
             return self._context
+        folder = self.settings.folder
+        ca = self._ca()
+        bundle = (folder / BUNDLE).read_bytes()
         own = ca.issue(
             kind="server",
             name=self.settings.name,
@@ -128,18 +162,20 @@ class RenewalService:
             ttl=min(self.settings.ttl, timedelta(hours=24)),
             by="renewal service (its own certificate)",
         )
-        roots = pem.load_certificates(key[0], folder / BUNDLE)
+        roots = pem.load_certificates(bundle, folder / BUNDLE)
         assert own.key is not None
         ctx = build_server_context(
             cert_chain=[own.certificate, *own.chain],
             key=own.key,
             client_cas=roots,
             alpn=[b"http/1.1"],
-            session_id_context=hashlib.sha256(key[0]).digest(),
+            session_id_context=hashlib.sha256(bundle).digest(),
         )
         ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _tolerate_expired_leaf)
-        self._context, self._context_key = ctx, key
-        self._own_due = renewal_due(own.certificate)
+        self._context, self._context_key = ctx, signature
+        # Rebuilt at our certificate's renewal time, or when a grace period ends (the
+        # issuer that signs changes then without any file changing).
+        self._own_due = min([renewal_due(own.certificate), *_grace_ends(folder, now)])
         return ctx
 
     def _deny_list(self) -> DenyList:
@@ -160,17 +196,29 @@ class RenewalService:
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         self.context()  # fail at start, not on the first client
         address = self.settings.listen
-        listeners = await trio.open_tcp_listeners(address.port, host=address.host)
+        try:
+            listeners = await trio.open_tcp_listeners(address.port, host=address.host)
+        except OSError as exc:
+            raise CAError(f"cannot listen on {address}: {exc.strerror}") from exc
         host, port = listeners[0].socket.getsockname()[:2]
         log.info("renewal service listening on https://%s:%d (POST /renew, GET /ca)", host, port)
         task_status.started(Address(host, port))
         await trio.serve_listeners(self.handle, listeners)
 
     async def handle(self, stream: trio.SocketStream) -> None:
+        try:
+            await self._handle(stream)
+        except Exception:
+            # One client must never take the service down: log it, drop the connection.
+            log.exception("renewal service: a connection failed")
+            with trio.move_on_after(1, shield=True):
+                await stream.aclose()
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
         peer = _peer(stream)
         try:
-            ctx = self.context()
-        except (CAError, OSError) as exc:
+            ctx = await trio.to_thread.run_sync(self.context)  # reads and signs: not here
+        except (CAError, CredentialError, OSError) as exc:
             log.error("renewal service: CA unavailable: %s", exc)  # noqa: TRY400
             await stream.aclose()
             return
@@ -185,7 +233,9 @@ class RenewalService:
             with trio.fail_after(DEADLINE):
                 request, body = await _read(conn, tls)
                 try:
-                    status, ctype, payload, headers = self.respond(request, body, tls)
+                    status, ctype, payload, headers = await trio.to_thread.run_sync(
+                        self.respond, request, body, tls.peer_certificate
+                    )
                 except Refused as refusal:
                     log.info(
                         "refused %s %s from %s: %d %s",
@@ -228,8 +278,9 @@ class RenewalService:
                 await tls.aclose()
 
     def respond(
-        self, request: h11.Request, body: bytes, tls: TLSStream
+        self, request: h11.Request, body: bytes, presented: x509.Certificate | None
     ) -> tuple[int, str, bytes, list[tuple[str, str]]]:
+        """Answer one request (in a worker thread: it reads files, signs and fsyncs)."""
         path = request.target.split(b"?", 1)[0]
         if path == b"/ca" and request.method == b"GET":
             return 200, "application/x-pem-file", (self.settings.folder / BUNDLE).read_bytes(), []
@@ -237,10 +288,10 @@ class RenewalService:
             raise Refused(404, "not found; use POST /renew or GET /ca")
         if request.method != b"POST":
             raise Refused(405, "use POST with a CSR in the body")
-        presented = tls.peer_certificate
         if presented is None:
             raise Refused(403, "no client certificate")
-        return 200, "application/x-pem-file", self.renew(presented, body), []
+        with self._lock:  # one renewal at a time: the rate limit must see each one
+            return 200, "application/x-pem-file", self.renew(presented, body), []
 
     def renew(self, presented: x509.Certificate, body: bytes) -> bytes:
         """The certificate chain (PEM) for the CSR's key with ``presented``'s identity."""
@@ -297,9 +348,15 @@ def _csr_key(body: bytes) -> pem.PublicKey:
         csr = x509.load_pem_x509_csr(body)
     except ValueError as exc:
         raise Refused(400, "the body is not a PEM certificate signing request") from exc
-    if not csr.is_signature_valid:
+    try:
+        # cryptography raises more than ValueError for exotic keys (UnsupportedAlgorithm
+        # for an SM2 CSR): whatever it is, it is the client's CSR that is wrong.
+        valid = csr.is_signature_valid
+        key = csr.public_key()
+    except Exception as exc:
+        raise Refused(400, f"the CSR cannot be used: {exc}") from exc
+    if not valid:
         raise Refused(400, "the CSR's signature does not verify")
-    key = csr.public_key()
     if isinstance(key, ec.EllipticCurvePublicKey):
         if key.curve.name not in ("secp256r1", "secp384r1", "secp521r1"):
             raise Refused(400, f"EC curve {key.curve.name} is not accepted (P-256/384/521)")
@@ -334,6 +391,19 @@ async def _read(conn: h11.Connection, stream: TLSStream) -> tuple[h11.Request, b
             return request, bytes(body)
         else:
             raise Refused(400, "connection closed before a whole request")
+
+
+def _grace_ends(folder: Path, now: datetime) -> list[datetime]:
+    """The ends of rotation grace periods still to come (the signing issuer changes then)."""
+    ends = []
+    for marker in sorted((folder / "previous").glob("*/rotated.json")):
+        try:
+            end = datetime.fromisoformat(json.loads(marker.read_text())["switch_at"])
+        except (OSError, ValueError, KeyError):
+            continue
+        if end > now:
+            ends.append(end)
+    return ends
 
 
 def _peer(stream: trio.SocketStream) -> str:
