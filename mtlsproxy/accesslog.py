@@ -21,11 +21,14 @@ import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import msgspec
 
 from mtlsproxy.identity import Identity
+
+if TYPE_CHECKING:
+    from mtlsproxy.sessions import Session
 
 log = logging.getLogger("mtlsproxy.access")
 
@@ -129,6 +132,22 @@ class AccessLog:
             self.dropped += 1
             if self._on_drop is not None:
                 self._on_drop()
+
+    def write_session(self, kind: str, session: Session, duration: float, **fields: object) -> None:
+        """One line about ``session`` (its listener, peer and identity), built only when
+        the log is on."""
+        if self.enabled:
+            self.write(
+                record(
+                    kind,
+                    listener=session.listener,
+                    client=session.peer,
+                    identity=session.identity,
+                    resumed=session.resumed,
+                    duration=duration,
+                    **fields,
+                )
+            )
 
     def reopen(self) -> None:
         if self.enabled and self._target not in ("stdout", "stderr"):

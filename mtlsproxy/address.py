@@ -7,6 +7,7 @@ and refused rather than guessed.
 from __future__ import annotations
 
 import ipaddress
+from typing import Any, Protocol
 
 
 class Address:
@@ -61,3 +62,17 @@ def parse_address(text: str) -> Address:
     if not port_text.isdigit() or not 0 <= int(port_text) < 65536:
         raise ValueError(f"{text!r}: the port must be a number from 0 to 65535")
     return Address(host, int(port_text))
+
+
+class _Connected(Protocol):
+    def getpeername(self) -> Any: ...
+
+
+def peer_name(sock: _Connected) -> str:
+    """``host:port`` (``[v6]:port``) of a connected socket's peer, or ``?`` once it is gone:
+    how logs name a client."""
+    try:
+        host, port = sock.getpeername()[:2]
+    except OSError:
+        return "?"
+    return str(Address(host, port))

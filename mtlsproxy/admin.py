@@ -36,10 +36,11 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mtlsproxy import config
+from mtlsproxy.address import peer_name
 from mtlsproxy.identity import Identity, IdentityError
 from mtlsproxy.metrics import Metrics
 from mtlsproxy.pki.describe import summarize
-from mtlsproxy.policy import denied_by, is_allowed
+from mtlsproxy.policy import is_allowed, standing
 from mtlsproxy.tls.engine import HandshakeError, TLSStream
 from mtlsproxy.tls.store import CredentialStore, ReloadResult
 
@@ -67,13 +68,9 @@ class Admin:
         # Off loopback, Host names whatever the operator's tools use to reach us.
         self._loopback_hosts_only = self.settings.listen.is_loopback
 
-    @property
-    def scheme(self) -> str:
-        return "https" if self.settings.mtls else "http"
-
     async def handle(self, stream: trio.SocketStream) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEAD)
-        peer = _peer(stream)
+        peer = peer_name(stream.socket)
         channel: trio.abc.Stream = stream
         try:
             with trio.fail_after(_DEADLINE):
@@ -129,11 +126,12 @@ class Admin:
             identity = Identity.from_certificate(cert)
         except IdentityError as exc:
             return str(exc)
-        # A resumed session skips OpenSSL's checks: expiry and the deny list are ours.
-        if datetime.now(UTC) >= identity.not_after:
-            return f"{identity.name}: certificate expired"
-        if (kind := denied_by(self.store.current().credentials.deny, identity)) is not None:
-            return f"{identity.name}: on the deny list ({kind})"
+        deny = self.store.current().credentials.deny
+        if (refused := standing(identity, deny, datetime.now(UTC))) is not None:
+            reason, detail = refused
+            if reason == "expired":
+                return f"{identity.name}: certificate expired at {detail}"
+            return f"{identity.name}: on the deny list ({detail})"
         if not is_allowed(self.settings.allow, identity):
             return f"{identity.name}: no admin.allow rule matched"
         return None
@@ -204,14 +202,6 @@ class Admin:
         result = self._reload_with("admin")
         status = 422 if result.result == "failed" else 200
         return status, "application/json", msgspec.json.encode(result)
-
-
-def _peer(stream: trio.SocketStream) -> str:
-    try:
-        host, port = stream.socket.getpeername()[:2]
-    except OSError:
-        return "?"
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def _read_request(conn: h11.Connection, stream: trio.abc.Stream) -> h11.Request | None:

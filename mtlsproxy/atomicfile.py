@@ -38,3 +38,13 @@ def fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def stat_signature(*paths: Path) -> tuple[tuple[int, int, int], ...]:
+    """(inode, size, mtime) of each file: changes when a file is replaced or rewritten, for
+    readers that poll without reading (raises OSError for a missing file)."""
+    signature = []
+    for path in paths:
+        st = path.stat()
+        signature.append((st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(signature)

@@ -20,6 +20,7 @@ from mtlsproxy.atomicfile import write_atomic
 from mtlsproxy.client import default_prefix, refresh_bundle, renew_once
 from mtlsproxy.errors import CAError, UsageError
 from mtlsproxy.pki import CertificateAuthority
+from mtlsproxy.pki.ca import pair_paths
 from mtlsproxy.pki.keys import KEY_TYPES
 from mtlsproxy.pki.lifecycle import (
     LeafIdentity,
@@ -136,7 +137,7 @@ def register(ca: Any, verbs: Any, duration: Duration) -> None:
 
 
 def _load(prefix: Path) -> Any:
-    path = prefix.with_name(prefix.name + ".crt")
+    path, _ = pair_paths(prefix)
     return pem.load_certificates(pem.read_file(path), path)[0]
 
 

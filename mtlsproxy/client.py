@@ -37,8 +37,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from mtlsproxy import pem
-from mtlsproxy.atomicfile import write_atomic
+from mtlsproxy.atomicfile import stat_signature, write_atomic
 from mtlsproxy.errors import CAError
+from mtlsproxy.pki.ca import pair_paths
 from mtlsproxy.pki.keys import KeyType, generate_key
 from mtlsproxy.pki.lifecycle import RetryLater
 
@@ -58,14 +59,6 @@ TIMEOUT = 15.0
 log = logging.getLogger("mtlsproxy.renew")
 
 
-def _signature(*paths: Path) -> tuple[tuple[int, int, int], ...]:
-    out = []
-    for path in paths:
-        st = path.stat()
-        out.append((st.st_ino, st.st_size, st.st_mtime_ns))
-    return tuple(out)
-
-
 class RenewingContext(ssl.SSLContext):
     """An ``ssl.SSLContext`` for clients that reloads its certificate when the files change."""
 
@@ -83,14 +76,14 @@ class RenewingContext(ssl.SSLContext):
         self.load_verify_locations(cafile=str(self.ca))  # only the private CA, no system roots
         self.load_cert_chain(str(self.cert), str(self.key))
         self._lock = threading.Lock()
-        self._seen = (_signature(self.cert, self.key), _signature(self.ca))
+        self._seen = (stat_signature(self.cert, self.key), stat_signature(self.ca))
         self.generation = 0  # +1 on every reload of the certificate
 
     def refresh(self) -> bool:
         """Load changed files; True when the certificate changed."""
         with self._lock:
             try:
-                pair, bundle = _signature(self.cert, self.key), _signature(self.ca)
+                pair, bundle = stat_signature(self.cert, self.key), stat_signature(self.ca)
             except OSError:
                 return False  # a rename in progress: next time
             changed = False
@@ -180,8 +173,7 @@ def renew_once(
     Raises ``RetryLater`` when the service is unreachable, busy or rate-limiting, and
     ``RenewRefused`` when it refuses for good.
     """
-    cert_path = prefix.with_name(prefix.name + ".crt")
-    key_path = prefix.with_name(prefix.name + ".key")
+    cert_path, key_path = pair_paths(prefix)
     current = pem.load_certificates(pem.read_file(cert_path), cert_path)[0]
     key = generate_key(key_type)
     csr = (
@@ -219,8 +211,7 @@ def renew_once(
 def refresh_bundle(url: str, ca: Path, prefix: Path) -> bool:
     """Fetch ``GET /ca`` over mutual TLS (verified by the bundle we hold) and store it if it
     changed; True when it did. This is how a client learns of a rotated CA in time."""
-    cert_path = prefix.with_name(prefix.name + ".crt")
-    key_path = prefix.with_name(prefix.name + ".key")
+    cert_path, key_path = pair_paths(prefix)
     return _store_bundle(_caller(url, ca, cert_path, key_path), url, ca)
 
 

@@ -18,6 +18,8 @@ as DNS does, and ``uri_prefix`` only matches on a path boundary unless it ends i
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
+from typing import Literal
 
 from mtlsproxy.config import AllowRule
 from mtlsproxy.denylist import DenyList
@@ -34,6 +36,22 @@ def denied_by(deny: DenyList, identity: Identity) -> str | None:
         return "uri"
     if identity.cn is not None and identity.cn in deny.cns:
         return "cn"
+    return None
+
+
+def standing(
+    identity: Identity, deny: DenyList, now: datetime
+) -> tuple[Literal["expired", "denied"], str] | None:
+    """Why this certificate may not be used at all now, whatever it asks for: ``("expired",
+    <its end, ISO 8601>)`` or ``("denied", <the deny entry's kind>)``; None if it may.
+
+    The one rule for the proxy's connections and requests, its admin listener and the
+    renewal service (a resumed TLS session skips OpenSSL's expiry check: this does not).
+    """
+    if now >= identity.not_after:
+        return "expired", identity.not_after.isoformat(timespec="seconds")
+    if (kind := denied_by(deny, identity)) is not None:
+        return "denied", kind
     return None
 
 

@@ -28,7 +28,7 @@ import trio
 
 from mtlsproxy.identity import Identity
 from mtlsproxy.metrics import Metrics
-from mtlsproxy.policy import denied_by
+from mtlsproxy.policy import standing
 from mtlsproxy.tls.store import CredentialStore, Material
 
 log = logging.getLogger("mtlsproxy.enforce")
@@ -106,10 +106,8 @@ def identity_verdict(
     identity: Identity, anchor: str | None, material: Material, now: datetime
 ) -> str | None:
     """The one rule, for a new connection and a live session alike."""
-    if now >= identity.not_after:
-        return "expired"
-    if denied_by(material.credentials.deny, identity) is not None:
-        return "denied"
+    if (refused := standing(identity, material.credentials.deny, now)) is not None:
+        return refused[0]
     # An unknown anchor fails closed: if we cannot say which CA vouched for a
     # certificate, it does not outlive a change of the bundle.
     if anchor not in material.root_fingerprints:

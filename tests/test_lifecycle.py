@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from proxy_env import CLIENT_TIMEOUT, route, start_backend, start_proxy, write_config
-from support import MTLSPROXY, Pair
+from support import MTLSPROXY, Pair, free_port, run
 
 from mtlsproxy import client, pem
 from mtlsproxy.address import Address
@@ -37,21 +37,6 @@ from mtlsproxy.pki.service import RenewalService, ServiceSettings
 
 def load(path: Path) -> x509.Certificate:
     return pem.load_certificates(path.read_bytes(), path)[0]
-
-
-def run(*args: str | Path, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [*MTLSPROXY, *map(str, args)], capture_output=True, text=True, timeout=60, check=False
-    )
-    if ok:
-        assert proc.returncode == 0, proc.stderr
-    return proc
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import ssl
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import h11
 import msgspec
@@ -19,9 +18,8 @@ import requests
 import trio
 import trio_websocket
 from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 from proxy_env import CLIENT_TIMEOUT, start_backend
-from support import MTLSPROXY, IssueFn, Pair
+from support import MTLSPROXY, IssueFn, Pair, Samples, fetch_metrics, metric_sum, parse_metrics
 
 from mtlsproxy import config, demo_backend
 from mtlsproxy.accesslog import AccessLog, AccessRecord, record
@@ -34,21 +32,6 @@ from mtlsproxy.pki import CertificateAuthority
 from mtlsproxy.server.proxy import Proxy
 
 
-def samples(text: bytes) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """Every sample of a /metrics answer, parsed by prometheus_client's own parser."""
-    found = {}
-    for family in text_string_to_metric_families(text.decode()):
-        for s in family.samples:
-            found[(s.name, frozenset(s.labels.items()))] = s.value
-    return found
-
-
-def value(found: dict[Any, float], name: str, **labels: str) -> float:
-    """The sum of the samples of ``name`` whose labels include ``labels``."""
-    wanted = frozenset(labels.items())
-    return sum(v for (n, have), v in found.items() if n == name and wanted <= have)
-
-
 class Stack:
     """A proxy with an HTTP listener (a plain route, an allow-limited route, a WebSocket
     route) and a TCP listener, writing its access log to a file."""
@@ -58,11 +41,8 @@ class Stack:
             proxy, http, tcp, admin, access,
         )  # fmt: skip
 
-    async def metrics(self) -> dict[Any, float]:
-        def get() -> bytes:
-            return requests.get(f"http://127.0.0.1:{self.admin_port}/metrics", timeout=10).content
-
-        return samples(await trio.to_thread.run_sync(get))
+    async def metrics(self) -> Samples:
+        return await trio.to_thread.run_sync(fetch_metrics, self.admin_port)
 
     def records(self) -> list[AccessRecord]:
         lines = self.access.read_bytes().splitlines()
@@ -127,6 +107,12 @@ backends = ["127.0.0.1:{tcp_backend}"]
     return Stack(proxy, http_port, tcp_port, admin_port, access)
 
 
+def client_context(ca: CertificateAuthority, pair: Pair) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(ca.folder / "ca.crt"))
+    ctx.load_cert_chain(pair.crt, pair.key)
+    return ctx
+
+
 def https(port: int, ca: CertificateAuthority, pair: Pair | None, path: str) -> requests.Response:
     return requests.get(
         f"https://localhost:{port}{path}",
@@ -137,8 +123,7 @@ def https(port: int, ca: CertificateAuthority, pair: Pair | None, path: str) -> 
 
 
 def tcp_echo(port: int, ca: CertificateAuthority, pair: Pair, payload: bytes) -> bytes:
-    ctx = ssl.create_default_context(cafile=str(ca.folder / "ca.crt"))
-    ctx.load_cert_chain(pair.crt, pair.key)
+    ctx = client_context(ca, pair)
     with (
         socket.create_connection(("127.0.0.1", port), timeout=CLIENT_TIMEOUT) as raw,
         ctx.wrap_socket(raw, server_hostname="localhost") as tls,
@@ -160,7 +145,7 @@ async def test_metrics_move_and_the_access_log_names_who_did_what(
     s = await stack(nursery, tmp_path, ca, server_pair)
     player = issue("client", "player-7", uris=["spiffe://game.example/player/7"])
     before = await s.metrics()
-    assert value(before, "mtlsproxy_requests_total", listener="127.0.0.1:0", route="api",
+    assert metric_sum(before, "mtlsproxy_requests_total", listener="127.0.0.1:0", route="api",
                  code="2xx") == 0  # fmt: skip
 
     def traffic() -> None:
@@ -171,8 +156,7 @@ async def test_metrics_move_and_the_access_log_names_who_did_what(
         assert tcp_echo(s.tcp, ca, player, b"ping\n") == b"ping\n"
 
     await trio.to_thread.run_sync(traffic)
-    ctx = ssl.create_default_context(cafile=str(ca.folder / "ca.crt"))
-    ctx.load_cert_chain(player.crt, player.key)
+    ctx = client_context(ca, player)
     with trio.fail_after(20):
         async with trio_websocket.open_websocket_url(
             f"wss://localhost:{s.http}/ws", ssl_context=ctx
@@ -187,28 +171,28 @@ async def test_metrics_move_and_the_access_log_names_who_did_what(
             await trio.sleep(0.05)
     m = await s.metrics()
     http_l = "127.0.0.1:0"
-    assert value(m, "mtlsproxy_requests_total", listener=http_l, route="api", code="2xx") == 1
-    assert value(m, "mtlsproxy_requests_total", listener=http_l, route="ops-only",
+    assert metric_sum(m, "mtlsproxy_requests_total", listener=http_l, route="api", code="2xx") == 1
+    assert metric_sum(m, "mtlsproxy_requests_total", listener=http_l, route="ops-only",
                  code="4xx") == 1  # fmt: skip
-    assert value(m, "mtlsproxy_handshakes_total", listener=http_l, result="no_cert",
+    assert metric_sum(m, "mtlsproxy_handshakes_total", listener=http_l, result="no_cert",
                  resumed="false") == 1  # fmt: skip
     ok = sum(v for (name, labels), v in m.items()
              if name == "mtlsproxy_handshakes_total" and ("result", "ok") in labels)  # fmt: skip
     assert ok >= 4
-    assert value(m, "mtlsproxy_upstream_duration_seconds_count", route="api") == 1
-    assert value(m, "mtlsproxy_bytes_total", listener=http_l, direction="out") > 0
-    assert value(m, "mtlsproxy_websocket_sessions_total", route="ws") == 1
-    assert value(m, "mtlsproxy_websocket_messages_total", route="ws", direction="in") == 3
-    assert value(m, "mtlsproxy_websocket_messages_total", route="ws", direction="out") >= 4
+    assert metric_sum(m, "mtlsproxy_upstream_duration_seconds_count", route="api") == 1
+    assert metric_sum(m, "mtlsproxy_bytes_total", listener=http_l, direction="out") > 0
+    assert metric_sum(m, "mtlsproxy_websocket_sessions_total", route="ws") == 1
+    assert metric_sum(m, "mtlsproxy_websocket_messages_total", route="ws", direction="in") == 3
+    assert metric_sum(m, "mtlsproxy_websocket_messages_total", route="ws", direction="out") >= 4
     tcp_sessions = sum(v for (name, _), v in m.items() if name == "mtlsproxy_tcp_sessions_total")
     assert tcp_sessions == 1
     remaining = sum(v for (name, _), v in m.items()
                     if name == "mtlsproxy_client_cert_remaining_seconds_count")  # fmt: skip
     assert remaining >= 4
     # a 24-hour certificate lands in the (12h, 24h] bucket
-    assert value(m, "mtlsproxy_client_cert_remaining_seconds_bucket", listener=http_l,
+    assert metric_sum(m, "mtlsproxy_client_cert_remaining_seconds_bucket", listener=http_l,
                  le="43200.0") == 0  # fmt: skip
-    expiry = value(m, "mtlsproxy_certificate_expiry_timestamp_seconds", kind="server",
+    expiry = metric_sum(m, "mtlsproxy_certificate_expiry_timestamp_seconds", kind="server",
                    subject="CN=localhost")  # fmt: skip
     assert abs(expiry - (datetime.now(UTC) + timedelta(hours=24)).timestamp()) < 3600
     cas = [labels for (name, labels) in m
@@ -245,8 +229,7 @@ async def test_reloads_and_enforcement_are_counted(
 ) -> None:  # fmt: skip
     s = await stack(nursery, tmp_path, ca, server_pair)
     player = issue("client", "to-be-denied")
-    ctx = ssl.create_default_context(cafile=str(ca.folder / "ca.crt"))
-    ctx.load_cert_chain(player.crt, player.key)
+    ctx = client_context(ca, player)
 
     def open_session() -> ssl.SSLSocket:
         raw = socket.create_connection(("127.0.0.1", s.http), timeout=CLIENT_TIMEOUT)
@@ -265,18 +248,18 @@ async def test_reloads_and_enforcement_are_counted(
     with trio.fail_after(10):
         while True:
             m = await s.metrics()
-            if value(m, "mtlsproxy_sessions_closed_total", listener="127.0.0.1:0",
+            if metric_sum(m, "mtlsproxy_sessions_closed_total", listener="127.0.0.1:0",
                      reason="denied") == 1:  # fmt: skip
                 break
             await trio.sleep(0.1)
     assert (
-        value(m, "mtlsproxy_reloads_total", result="swapped") == 1
+        metric_sum(m, "mtlsproxy_reloads_total", result="swapped") == 1
     )  # the load at start is not a reload
-    assert value(m, "mtlsproxy_credentials_generation") == 2
+    assert metric_sum(m, "mtlsproxy_credentials_generation") == 2
     (tmp_path / "deny.txt").write_text("sha256:not-hex\n")
     assert (await trio.to_thread.run_sync(reload)).status_code == 422
     m = await s.metrics()
-    assert value(m, "mtlsproxy_reloads_total", result="failed") == 1
+    assert metric_sum(m, "mtlsproxy_reloads_total", result="failed") == 1
     live.close()
 
 
@@ -298,7 +281,9 @@ async def test_expiry_is_warned_in_logs_and_metrics_and_fails_readyz(
     assert "server certificate CN=localhost" in warning
     assert s.proxy.warn_expiring() == []  # not again within the hour
     m = await s.metrics()
-    assert value(m, "mtlsproxy_certificate_expiring", kind="server", subject="CN=localhost") == 1
+    assert (
+        metric_sum(m, "mtlsproxy_certificate_expiring", kind="server", subject="CN=localhost") == 1
+    )
     # the CA lives for years: not flagged
     assert all(v == 0 for (name, labels), v in m.items()
                if name == "mtlsproxy_certificate_expiring" and ("kind", "client_ca") in labels)  # fmt: skip
@@ -477,8 +462,7 @@ async def test_a_client_gone_before_its_answer_is_logged_as_499(
 ) -> None:  # fmt: skip
     s = await stack(nursery, tmp_path, ca, server_pair)
     player = issue("client", "quitter")
-    ctx = ssl.create_default_context(cafile=str(ca.folder / "ca.crt"))
-    ctx.load_cert_chain(player.crt, player.key)
+    ctx = client_context(ca, player)
 
     def send_half_a_body() -> None:
         with (
@@ -496,7 +480,7 @@ async def test_a_client_gone_before_its_answer_is_logged_as_499(
     assert gone.status == 499 and gone.method == "POST" and gone.cn == "quitter"
     assert gone.bytes_in == 10
     m = await s.metrics()
-    assert value(m, "mtlsproxy_requests_total", route="api", code="4xx") == 1
+    assert metric_sum(m, "mtlsproxy_requests_total", route="api", code="4xx") == 1
 
 
 def test_certificates_with_one_subject_stay_apart_in_metrics() -> None:
@@ -506,7 +490,7 @@ def test_certificates_with_one_subject_stay_apart_in_metrics() -> None:
         Expiry("client_ca", "CN=Root", start, start + timedelta(days=1), "aa" * 32),
         Expiry("client_ca", "CN=Root", start, start + timedelta(days=3650), "bb" * 32),
     ], None)  # fmt: skip
-    found = samples(generate_latest(metrics.registry))
+    found = parse_metrics(generate_latest(metrics.registry))
     series = [labels for (name, labels) in found if name == "mtlsproxy_certificate_expiring"]
     assert len(series) == 2 and len(set(series)) == 2
 
@@ -566,8 +550,8 @@ def test_polls_that_find_nothing_new_are_not_counted_as_reloads(
     for _ in range(3):
         proxy.store.reload("poll")
     proxy.store.reload("signal")
-    found = samples(generate_latest(proxy.metrics.registry))
-    assert value(found, "mtlsproxy_reloads_total", result="unchanged") == 1  # the SIGHUP only
+    found = parse_metrics(generate_latest(proxy.metrics.registry))
+    assert metric_sum(found, "mtlsproxy_reloads_total", result="unchanged") == 1  # the SIGHUP only
 
 
 async def test_an_insecure_remote_admin_says_so_at_start(

@@ -15,20 +15,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from support import MTLSPROXY, IssueFn, Pair
+from support import IssueFn, Pair, run
 
 from mtlsproxy import pem
 from mtlsproxy.errors import CAError
 from mtlsproxy.pki import CertificateAuthority
-
-
-def run(*args: str | Path, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [*MTLSPROXY, *map(str, args)], capture_output=True, text=True, timeout=60, check=False
-    )
-    if ok:
-        assert proc.returncode == 0, proc.stderr
-    return proc
 
 
 def openssl_verify(bundle: Path, leaf: Path, *extra: str) -> subprocess.CompletedProcess[str]:

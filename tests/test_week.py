@@ -30,16 +30,13 @@ import signal
 import subprocess
 import threading
 import time
-import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
-from prometheus_client.parser import text_string_to_metric_families
 from proxy_env import route, start_backend, start_proxy, write_config
-from support import MTLSPROXY, Pair
+from support import MTLSPROXY, Pair, fetch_metrics, metric_sum
 
 from mtlsproxy import client
 from mtlsproxy.address import Address
@@ -76,20 +73,6 @@ class RequestLoop(threading.Thread):
                 self.failures.append(f"{sent:.3f} {exc!r}")
             self.stop.wait(0.05)
         session.close()
-
-
-def metrics_of(admin_port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=10).read()
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text.decode())
-        for s in family.samples
-    }
-
-
-def total(found: dict[Any, float], name: str, **labels: str) -> float:
-    wanted = frozenset(labels.items())
-    return sum(v for (n, have), v in found.items() if n == name and wanted <= have)
 
 
 @pytest.mark.timeout(SECONDS + 240)
@@ -176,7 +159,7 @@ async def test_a_compressed_week_of_rotations_fails_no_request(
         for sent, digest in loop.seen
         if digest not in not_after or datetime.fromtimestamp(sent, UTC) >= not_after[digest]
     ]
-    m = await trio.to_thread.run_sync(metrics_of, admin_port)
+    m = await trio.to_thread.run_sync(fetch_metrics, admin_port)
     renewals = {name: sum(1 for r in audit if r.by == "renewal service"
                           and r.subject == f"CN={name}") for name in clients}  # fmt: skip
     server_renewals = sum(1 for r in audit if r.by == "ca renew")
@@ -190,12 +173,12 @@ async def test_a_compressed_week_of_rotations_fails_no_request(
         "rotated_at_s": rotated_at,
         "retired_at_s": retired_at,
         "expired_at_use": len(late),
-        "proxy_reloads_swapped": total(m, "mtlsproxy_reloads_total", result="swapped"),
-        "handshakes_ok": total(m, "mtlsproxy_handshakes_total", result="ok"),
-        "handshakes_refused": total(m, "mtlsproxy_handshakes_total")
-        - total(m, "mtlsproxy_handshakes_total", result="ok"),
+        "proxy_reloads_swapped": metric_sum(m, "mtlsproxy_reloads_total", result="swapped"),
+        "handshakes_ok": metric_sum(m, "mtlsproxy_handshakes_total", result="ok"),
+        "handshakes_refused": metric_sum(m, "mtlsproxy_handshakes_total")
+        - metric_sum(m, "mtlsproxy_handshakes_total", result="ok"),
         "sessions_closed": {
-            r: total(m, "mtlsproxy_sessions_closed_total", reason=r)
+            r: metric_sum(m, "mtlsproxy_sessions_closed_total", reason=r)
             for r in ("expired", "denied", "ca_removed")
         },
     }

@@ -5,25 +5,16 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import urllib.request
 from pathlib import Path
 
 import pytest
 import trio
-from prometheus_client.parser import text_string_to_metric_families
 from proxy_env import route, start_backend, write_config
-from support import MTLSPROXY, IssueFn, Pair
+from support import MTLSPROXY, IssueFn, Pair, fetch_metrics, free_port, metric_sum
 from test_proxy_identity import leaf_sha256
 
 from mtlsproxy.pki import CertificateAuthority
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def children(pid: int) -> list[int]:
@@ -64,13 +55,7 @@ async def test_two_workers(
         return got
 
     def requests_2xx() -> float:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=10).read()
-        return sum(
-            s.value
-            for family in text_string_to_metric_families(text.decode())
-            for s in family.samples
-            if s.name == "mtlsproxy_requests_total" and s.labels["code"] == "2xx"
-        )
+        return metric_sum(fetch_metrics(admin), "mtlsproxy_requests_total", code="2xx")
 
     with subprocess.Popen([*MTLSPROXY, "serve", "--config", str(config)],
                           stderr=subprocess.DEVNULL) as supervisor:  # fmt: skip

@@ -58,6 +58,11 @@ BACKDATE = timedelta(minutes=1)
 _EKU = {"server": ExtendedKeyUsageOID.SERVER_AUTH, "client": ExtendedKeyUsageOID.CLIENT_AUTH}
 
 
+def pair_paths(prefix: Path) -> tuple[Path, Path]:
+    """``PREFIX.crt`` and ``PREFIX.key``: where a certificate and its key live."""
+    return prefix.with_name(prefix.name + ".crt"), prefix.with_name(prefix.name + ".key")
+
+
 @dataclass(frozen=True)
 class IssuedCertificate:
     certificate: x509.Certificate
@@ -75,8 +80,7 @@ class IssuedCertificate:
 
     def write(self, prefix: Path) -> tuple[Path, Path]:
         """Write ``PREFIX.key`` then ``PREFIX.crt``, each atomically."""
-        cert_path = prefix.with_name(prefix.name + ".crt")
-        key_path = prefix.with_name(prefix.name + ".key")
+        cert_path, key_path = pair_paths(prefix)
         prefix.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(key_path, self.key_pem(), mode=0o600)
         write_atomic(cert_path, self.chain_pem(), mode=0o644)
@@ -264,27 +268,45 @@ class CertificateAuthority:
         )
 
 
-GRACE_FILE = "rotated.json"
+PREVIOUS = "previous"  # roots replaced by `ca rotate`, one folder each
+GRACE_FILE = "rotated.json"  # in such a folder: until when its issuer still signs
+
+
+def mark_grace(previous: Path, now: datetime, grace: timedelta) -> None:
+    """Record that the issuer kept in ``previous`` signs until ``now + grace``."""
+    marker = {"rotated_at": now.isoformat(), "switch_at": (now + grace).isoformat()}
+    write_atomic(previous / GRACE_FILE, msgspec.json.encode(marker))
+
+
+def grace_end(previous: Path) -> datetime | None:
+    """Until when the issuer kept in ``previous`` signs (None: it does not)."""
+    marker = previous / GRACE_FILE
+    if not marker.exists():
+        return None
+    try:
+        return datetime.fromisoformat(msgspec.json.decode(marker.read_bytes())["switch_at"])
+    except (OSError, msgspec.DecodeError, KeyError, TypeError, ValueError) as exc:
+        raise CAError(f"{marker}: unreadable: {exc}") from exc
+
+
+def previous_folders(folder: Path) -> list[Path]:
+    base = folder / PREVIOUS
+    return sorted(p for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
 
 
 def _in_grace(folder: Path, now: datetime) -> CertificateAuthority | None:
     """The previous root and issuer while a rotation's grace period lasts, else None."""
-    base = folder / "previous"
-    for sub in sorted(base.iterdir()) if base.is_dir() else []:
-        marker = sub / GRACE_FILE
-        if not marker.exists() or not (sub / ISSUER_KEY).exists():
+    for sub in previous_folders(folder):
+        end = grace_end(sub)
+        if end is None or now >= end or not (sub / ISSUER_KEY).exists():
             continue
         try:
-            switch_at = datetime.fromisoformat(
-                msgspec.json.decode(marker.read_bytes())["switch_at"]
-            )
             root = pem.load_certificates(pem.read_file(sub / ROOT_CERT), sub / ROOT_CERT)[0]
             issuer = pem.load_certificates(pem.read_file(sub / ISSUER_CERT), sub / ISSUER_CERT)[0]
             key = pem.load_private_key(pem.read_file(sub / ISSUER_KEY), sub / ISSUER_KEY)
-        except (CredentialError, msgspec.DecodeError, KeyError, ValueError) as exc:
+        except CredentialError as exc:
             raise CAError(f"{sub}: unreadable previous CA: {exc}") from exc
-        if now < switch_at:
-            return CertificateAuthority(folder, root, issuer, key)
+        return CertificateAuthority(folder, root, issuer, key)
     return None
 
 

@@ -26,27 +26,29 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import msgspec
 from cryptography import x509
 
 from mtlsproxy import pem
 from mtlsproxy.atomicfile import write_atomic
-from mtlsproxy.errors import CAError
+from mtlsproxy.errors import CAError, CredentialError
 from mtlsproxy.pki.ca import (
     BUNDLE,
     DEFAULT_ISSUER_TTL,
     DEFAULT_ROOT_TTL,
-    GRACE_FILE,
     ISSUER_CERT,
     ISSUER_KEY,
+    PREVIOUS,
     ROOT_CERT,
     ROOT_KEY,
     CertificateAuthority,
+    grace_end,
+    mark_grace,
+    previous_folders,
 )
 from mtlsproxy.pki.keys import KeyType
 from mtlsproxy.pki.lifecycle import AUDIT_BEGINS, audit, read_audit, sha256_of
 
-PREVIOUS, RETIRED = "previous", "retired"
+RETIRED = "retired"
 
 
 @dataclass(frozen=True)
@@ -62,10 +64,7 @@ class PreviousRoot:
     @property
     def switch_at(self) -> datetime | None:
         """End of the grace period during which this root's issuer still signs."""
-        marker = self.folder / GRACE_FILE
-        if not marker.exists():
-            return None
-        return datetime.fromisoformat(msgspec.json.decode(marker.read_bytes())["switch_at"])
+        return grace_end(self.folder)
 
     def last_valid(self, ca_folder: Path) -> datetime:
         """Until when a certificate this root's issuer signed can still be valid: the
@@ -83,12 +82,11 @@ class PreviousRoot:
 
 def previous_roots(folder: Path) -> list[PreviousRoot]:
     found = []
-    base = folder / PREVIOUS
-    for sub in sorted(base.iterdir()) if base.is_dir() else []:
+    for sub in previous_folders(folder):
         try:
             root = pem.load_certificates(pem.read_file(sub / ROOT_CERT), sub / ROOT_CERT)[0]
             issuer = pem.load_certificates(pem.read_file(sub / ISSUER_CERT), sub / ISSUER_CERT)[0]
-        except Exception as exc:
+        except CredentialError as exc:
             raise CAError(f"{sub}: not a previous root: {exc}") from exc
         found.append(PreviousRoot(sub, root, issuer))
     return found
@@ -132,8 +130,7 @@ def rotate(
         write_atomic(keep / cert_name, (folder / cert_name).read_bytes())
     if grace > timedelta(0):
         write_atomic(keep / ISSUER_KEY, (folder / ISSUER_KEY).read_bytes(), mode=0o600)
-        marker = {"rotated_at": now.isoformat(), "switch_at": (now + grace).isoformat()}
-        write_atomic(keep / GRACE_FILE, msgspec.json.encode(marker))
+        mark_grace(keep, now, grace)
     # The switch: new keys first, then the certificates they belong to, then the bundle.
     for file, mode in ((ROOT_KEY, 0o600), (ISSUER_KEY, 0o600), (ROOT_CERT, 0o644),
                        (ISSUER_CERT, 0o644)):  # fmt: skip

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import threading
 import time
@@ -39,13 +38,20 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from OpenSSL import SSL, crypto
 
 from mtlsproxy import pem
-from mtlsproxy.address import Address
+from mtlsproxy.address import Address, peer_name
+from mtlsproxy.atomicfile import stat_signature
 from mtlsproxy.denylist import DenyList, parse_deny_list
 from mtlsproxy.errors import CAError, CredentialError
 from mtlsproxy.identity import Identity, IdentityError
-from mtlsproxy.pki.ca import BUNDLE, CertificateAuthority
+from mtlsproxy.pki.ca import (
+    BUNDLE,
+    ISSUER_CERT,
+    CertificateAuthority,
+    grace_end,
+    previous_folders,
+)
 from mtlsproxy.pki.lifecycle import LeafIdentity, renewal_due, sha256_of
-from mtlsproxy.policy import denied_by
+from mtlsproxy.policy import standing
 from mtlsproxy.tls.context import build_server_context
 from mtlsproxy.tls.engine import HandshakeError, TLSStream
 from mtlsproxy.units import format_duration
@@ -105,7 +111,7 @@ class RenewalService:
         self._context_key: tuple[object, ...] | None = None  # the files it was built on
         self._context_lock = threading.Lock()
         self._own_due: datetime | None = None
-        self._deny: tuple[float, DenyList] | None = None
+        self._deny: tuple[object, DenyList] | None = None
         self._lock = threading.Lock()
         self.issued = 0
 
@@ -126,13 +132,8 @@ class RenewalService:
     def _files_signature(self) -> tuple[object, ...]:
         """What the context is built from, by file metadata (a stat, no read)."""
         folder = self.settings.folder
-        stats = []
-        for path in (folder / BUNDLE, folder / "issuer.crt"):
-            st = path.stat()
-            stats.append((st.st_ino, st.st_size, st.st_mtime_ns))
-        previous = folder / "previous"
-        names = sorted(p.name for p in previous.iterdir()) if previous.is_dir() else []
-        return (*stats, *names)
+        files = stat_signature(folder / BUNDLE, folder / ISSUER_CERT)
+        return (*files, *(p.name for p in previous_folders(folder)))
 
     def context(self) -> SSL.Context:
         """The TLS context: rebuilt when the bundle, the issuer or the rotation state
@@ -175,7 +176,8 @@ class RenewalService:
         self._context, self._context_key = ctx, signature
         # Rebuilt at our certificate's renewal time, or when a grace period ends (the
         # issuer that signs changes then without any file changing).
-        self._own_due = min([renewal_due(own.certificate), *_grace_ends(folder, now)])
+        ends = [e for sub in previous_folders(folder) if (e := grace_end(sub)) and e > now]
+        self._own_due = min([renewal_due(own.certificate), *ends])
         return ctx
 
     def _deny_list(self) -> DenyList:
@@ -183,9 +185,9 @@ class RenewalService:
         if path is None:
             return DenyList()
         try:
-            mtime = path.stat().st_mtime
-            if self._deny is None or self._deny[0] != mtime:
-                self._deny = (mtime, parse_deny_list(path.read_text(), path))
+            signature = stat_signature(path)
+            if self._deny is None or self._deny[0] != signature:
+                self._deny = (signature, parse_deny_list(path.read_text(), path))
         except (OSError, CredentialError) as exc:
             # Fail closed: without a readable deny list nobody is renewed.
             raise Refused(503, f"the deny list cannot be read: {exc}") from exc
@@ -215,7 +217,7 @@ class RenewalService:
                 await stream.aclose()
 
     async def _handle(self, stream: trio.SocketStream) -> None:
-        peer = _peer(stream)
+        peer = peer_name(stream.socket)
         try:
             ctx = await trio.to_thread.run_sync(self.context)  # reads and signs: not here
         except (CAError, CredentialError, OSError) as exc:
@@ -295,22 +297,21 @@ class RenewalService:
 
     def renew(self, presented: x509.Certificate, body: bytes) -> bytes:
         """The certificate chain (PEM) for the CSR's key with ``presented``'s identity."""
-        now = datetime.now(UTC)
         fingerprint = sha256_of(presented)
-        if now >= presented.not_valid_after_utc:
-            ended = presented.not_valid_after_utc.isoformat(timespec="seconds")
-            raise Refused(
-                403,
-                f"the client certificate expired at {ended}; an expired certificate cannot be "
-                "renewed, ask an operator for a new one (`mtlsproxy ca issue`)",
-            )
         try:
             identity = Identity.from_certificate(presented)
             leaf = LeafIdentity.of(presented)
         except (IdentityError, CAError) as exc:
             raise Refused(403, f"the client certificate cannot be renewed: {exc}") from exc
-        if (kind := denied_by(self._deny_list(), identity)) is not None:
-            raise Refused(403, f"{identity.name} is on the deny list ({kind}); not renewed")
+        if (refused := standing(identity, self._deny_list(), datetime.now(UTC))) is not None:
+            reason, detail = refused
+            if reason == "expired":
+                raise Refused(
+                    403,
+                    f"the client certificate expired at {detail}; an expired certificate cannot "
+                    "be renewed, ask an operator for a new one (`mtlsproxy ca issue`)",
+                )
+            raise Refused(403, f"{identity.name} is on the deny list ({detail}); not renewed")
         last = self._last.get(leaf.key)
         wait = self.settings.min_interval.total_seconds()
         if last is not None and time.monotonic() - last < wait:
@@ -391,24 +392,3 @@ async def _read(conn: h11.Connection, stream: TLSStream) -> tuple[h11.Request, b
             return request, bytes(body)
         else:
             raise Refused(400, "connection closed before a whole request")
-
-
-def _grace_ends(folder: Path, now: datetime) -> list[datetime]:
-    """The ends of rotation grace periods still to come (the signing issuer changes then)."""
-    ends = []
-    for marker in sorted((folder / "previous").glob("*/rotated.json")):
-        try:
-            end = datetime.fromisoformat(json.loads(marker.read_text())["switch_at"])
-        except (OSError, ValueError, KeyError):
-            continue
-        if end > now:
-            ends.append(end)
-    return ends
-
-
-def _peer(stream: trio.SocketStream) -> str:
-    try:
-        host, port = stream.socket.getpeername()[:2]
-    except OSError:
-        return "?"
-    return f"{host}:{port}"

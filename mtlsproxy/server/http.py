@@ -46,7 +46,7 @@ from mtlsproxy import accesslog
 from mtlsproxy.config import Listener, Route
 from mtlsproxy.identity import Identity
 from mtlsproxy.metrics import Metrics
-from mtlsproxy.policy import denied_by, is_allowed
+from mtlsproxy.policy import is_allowed, standing
 from mtlsproxy.relay.errors import (
     BadGateway,
     BadRequest,
@@ -150,7 +150,7 @@ class HttpConnection:
         store: CredentialStore,
         metrics: Metrics,
         client_ip: str,
-        access: accesslog.AccessLog | None = None,
+        access: accesslog.AccessLog,
     ) -> None:
         self.stream = stream
         self.session = session
@@ -160,7 +160,7 @@ class HttpConnection:
         self.pool = pool
         self.store = store
         self.metrics = metrics
-        self.access = access or accesslog.AccessLog("off")
+        self.access = access
         self.client_ip = client_ip
         # True when the connection ends with no unread input from the client, so a
         # plain close cannot turn into a RST that destroys the last response.
@@ -289,13 +289,14 @@ class HttpConnection:
     def _check_identity(self) -> None:
         # Every request, not only the first: a keep-alive connection can outlive the
         # certificate, and the deny list can change under it.
-        if datetime.now(UTC) >= self.identity.not_after:
-            self.session.close("expired")
-            raise Forbidden("client certificate expired")
         deny = self.store.current().credentials.deny
-        if (kind := denied_by(deny, self.identity)) is not None:
-            self.session.close("denied")
-            raise Forbidden("client certificate is denied", log_detail=f"deny list ({kind})")
+        if (refused := standing(self.identity, deny, datetime.now(UTC))) is None:
+            return
+        reason, detail = refused
+        self.session.close(reason)
+        if reason == "expired":
+            raise Forbidden("client certificate expired")
+        raise Forbidden("client certificate is denied", log_detail=f"deny list ({detail})")
 
     def _authorize(self, route: RouteRuntime) -> None:
         if not is_allowed(route.config.allow, self.identity):
@@ -361,8 +362,9 @@ class HttpConnection:
             count=count,
         )
         self.clean_end = True
-        self._log_access(
+        self.access.write_session(
             "websocket",
+            self.session,
             trio.current_time() - started,
             route=label,
             method=exchange.request.method.decode("ascii", "replace"),
@@ -388,8 +390,9 @@ class HttpConnection:
         ).inc()
         if status == 101 or not self.access.enabled:
             return  # a WebSocket session is logged when it ends
-        self._log_access(
+        self.access.write_session(
             "http",
+            self.session,
             trio.current_time() - started if started is not None else 0.0,
             route=exchange.route.label if exchange is not None else None,
             method=request.method.decode("ascii", "replace") if request is not None else None,
@@ -399,20 +402,6 @@ class HttpConnection:
             bytes_out=exchange.bytes_out if exchange is not None else 0,
             upstream=exchange.upstream if exchange is not None else None,
         )
-
-    def _log_access(self, kind: str, duration: float, **fields: object) -> None:
-        if self.access.enabled:
-            self.access.write(
-                accesslog.record(
-                    kind,
-                    listener=self.listener.label,
-                    client=self.session.peer,
-                    identity=self.identity,
-                    resumed=self.session.resumed,
-                    duration=duration,
-                    **fields,
-                )
-            )
 
     # ---- 3. forward ----------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 import trio
 
 from mtlsproxy.accesslog import AccessLog
-from mtlsproxy.address import Address
+from mtlsproxy.address import Address, peer_name
 from mtlsproxy.config import Listener
 from mtlsproxy.identity import Identity, IdentityCache, IdentityError
 from mtlsproxy.metrics import Metrics
@@ -53,7 +53,7 @@ class Shared:
     pool: UpstreamPool
     metrics: Metrics
     handshake_timeout: float
-    access: AccessLog = field(default_factory=lambda: AccessLog("off"))
+    access: AccessLog
     identities: IdentityCache = field(default_factory=IdentityCache)
 
 
@@ -93,7 +93,7 @@ async def accept_loop(
 
 
 async def _connection(runtime: ListenerRuntime, stream: trio.SocketStream, shared: Shared) -> None:
-    peer = _peer(stream)
+    peer = peer_name(stream.socket)
     label = runtime.label
     try:
         with shared.metrics.child(shared.metrics.active_connections, label).track_inprogress():
@@ -133,7 +133,8 @@ async def _handshake_and_serve(
         material = shared.store.current()
         anchor = _anchor(tls, identity, shared, material)
         # "ca_removed" of a live session is, for a new connection, an unknown CA.
-        found = identity_verdict(identity, anchor, material, datetime.now(UTC))
+        now = datetime.now(UTC)
+        found = identity_verdict(identity, anchor, material, now)
         result = "unknown_ca" if found == "ca_removed" else found or "ok"
         if (
             result == "ok"
@@ -145,9 +146,9 @@ async def _handshake_and_serve(
         reused = tls.session_reused
         metrics.child(metrics.handshakes, label, result, "true" if reused else "false").inc()
         if result == "ok":
-            remaining = (identity.not_after - datetime.now(UTC)).total_seconds()
+            remaining = (identity.not_after - now).total_seconds()
             metrics.child(metrics.client_cert_remaining, label).observe(remaining)
-        if result != "ok":
+        else:
             log.info("listener %s: refused %s (%s): %s", label, peer, identity.name, result)
             if runtime.config.mode != "http" or result not in ("expired", "denied"):
                 return
@@ -227,14 +228,6 @@ def _anchor(tls: TLSStream, identity: Identity, shared: Shared, material: Materi
     anchor = f"sha256:{root}"
     shared.store.remember_anchor(identity.sha256, anchor)
     return anchor
-
-
-def _peer(stream: trio.SocketStream) -> str:
-    try:
-        host, port = stream.socket.getpeername()[:2]
-    except OSError:
-        return "?"
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def lingering_close(stream: trio.abc.HalfCloseableStream) -> None:

@@ -116,19 +116,14 @@ async def relay_tcp(
             elif session.closing is not None:
                 end = "enforced"
             metrics.child(metrics.tcp_sessions, listener.label, end).inc()
-            access.write(
-                accesslog.record(
-                    "tcp",
-                    listener=listener.label,
-                    client=session.peer,
-                    identity=session.identity,
-                    resumed=session.resumed,
-                    duration=trio.current_time() - started,
-                    bytes_in=bytes_in.total,
-                    bytes_out=bytes_out.total,
-                    upstream=str(backend.backend) if backend is not None else None,
-                    end=end if session.closing is None else f"{end}: {session.closing}",
-                )
+            access.write_session(
+                "tcp",
+                session,
+                trio.current_time() - started,
+                bytes_in=bytes_in.total,
+                bytes_out=bytes_out.total,
+                upstream=str(backend.backend) if backend is not None else None,
+                end=end if session.closing is None else f"{end}: {session.closing}",
             )
 
 
