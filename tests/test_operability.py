@@ -575,3 +575,36 @@ async def test_an_insecure_remote_admin_says_so_at_start(
 
     assert (await trio.to_thread.run_sync(healthz)).status_code == 200
     proxy.shutdown()
+
+
+async def test_refused_requests_reloads_and_enforcement_are_logged_with_their_reason(
+    nursery: trio.Nursery, tmp_path: Path, ca: CertificateAuthority, server_pair: Pair,
+    issue: IssueFn, caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    caplog.set_level(logging.INFO, logger="mtlsproxy")
+    s = await stack(nursery, tmp_path, ca, server_pair)
+    player = issue("client", "logged-player")
+    ctx = client_context(ca, player)
+
+    def refused_then_idle() -> ssl.SSLSocket:
+        assert https(s.http, ca, player, "/ops/secret").status_code == 403
+        raw = socket.create_connection(("127.0.0.1", s.http), timeout=CLIENT_TIMEOUT)
+        tls = ctx.wrap_socket(raw, server_hostname="localhost")
+        tls.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        tls.recv(65536)
+        return tls
+
+    live = await trio.to_thread.run_sync(refused_then_idle)
+    (tmp_path / "deny.txt").write_text("cn:logged-player\n")
+    assert s.proxy.reload("admin").result == "swapped"
+    with trio.fail_after(10):
+        while not any("closing session" in r.getMessage() for r in caplog.records):
+            await trio.sleep(0.05)
+    lines = [r.getMessage() for r in caplog.records]
+    refused = next(x for x in lines if x.startswith("refused /ops/secret"))
+    assert "logged-player" in refused and "403" in refused and "no allow rule" in refused
+    reload = next(x for x in lines if x.startswith("reload (admin)"))
+    assert "generation 2" in reload and "deny" in reload
+    closing = next(x for x in lines if "closing session" in x)
+    assert "logged-player" in closing and closing.endswith("denied")
+    live.close()
