@@ -146,7 +146,9 @@ async def test_ca_renew_watch_renews_a_short_certificate_and_the_proxy_follows(
                 await trio.sleep(0.2)
     finally:
         watcher.send_signal(signal.SIGTERM)
-        _, err = watcher.communicate(timeout=10)
+        # In a thread: the trio loop must go on serving (the renewal service, the proxy)
+        # while the watcher finishes a request in flight and exits.
+        _, err = await trio.to_thread.run_sync(lambda: watcher.communicate(timeout=30))
     assert "renewed, valid until" in err
 
 
@@ -243,7 +245,9 @@ async def test_client_renew_writes_the_pair_and_retries_while_the_service_is_dow
                 await trio.sleep(0.2)
     finally:
         watcher.send_signal(signal.SIGTERM)
-        _, err = watcher.communicate(timeout=10)
+        # In a thread: the trio loop must go on serving (the renewal service, the proxy)
+        # while the watcher finishes a request in flight and exits.
+        _, err = await trio.to_thread.run_sync(lambda: watcher.communicate(timeout=30))
     fresh = load(player.crt)
     assert fresh.subject == first.subject and fresh.not_valid_after_utc > first.not_valid_after_utc
     assert pem.key_matches(pem.load_private_key(player.key.read_bytes(), player.key), fresh)
