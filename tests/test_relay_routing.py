@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mtlsproxy.relay.errors import RouteError
+from mtlsproxy.relay.errors import BadRequest, RouteError
 from mtlsproxy.relay.routing import (
     RoundRobin,
     Route,
@@ -87,7 +87,7 @@ def test_no_route_at_all() -> None:
     [
         ("/a/b?q=%2F", "/a/b"),
         ("/%61dmin", "/admin"),
-        ("/admin%2fx", "/admin/x"),
+        ("//admin///x", "/admin/x"),
         ("/a%2bb", "/a%2Bb"),
         ("/a%7E", "/a~"),
         ("*", "/"),
@@ -100,8 +100,12 @@ def test_route_path_normalisation(target: str, path: str) -> None:
 def test_encoded_paths_cannot_dodge_a_narrower_route() -> None:
     t = table((None, "/"), (None, "/admin"))
     assert hit(t, "a", "/%61dmin/users") == "None|/admin"
-    assert hit(t, "a", "/admin%2Fusers") == "None|/admin"
-    assert hit(t, "a", "/ADMIN") == "None|/"  # paths are case-sensitive
+    assert hit(t, "a", "//admin/users") == "None|/admin"
+    # Express, ASP.NET and case-insensitive file systems serve /ADMIN as /admin.
+    assert hit(t, "a", "/ADMIN") == "None|/admin"
+    assert hit(t, "a", "/Admin/x") == "None|/admin"
+    with pytest.raises(BadRequest, match="%2F"):
+        hit(t, "a", "/admin%2Fusers")
 
 
 @pytest.mark.parametrize(
@@ -137,6 +141,10 @@ def test_ipv6_literal_route() -> None:
         (None, "api", "must be a path"),
         (None, "/a?b", "must be a path"),
         (None, "/a/../b", "dot-segment"),
+        (None, "/a;b", "path parameters"),
+        (None, "/a%2Fb", "%2F"),
+        (None, "//a", "is written '/a'"),
+        (None, "/%61", "is written '/a'"),
     ],
 )
 def test_bad_routes_name_their_index(host: str | None, prefix: str, reason: str) -> None:
@@ -148,6 +156,8 @@ def test_bad_routes_name_their_index(host: str | None, prefix: str, reason: str)
 def test_duplicate_routes_are_refused() -> None:
     with pytest.raises(RouteError, match="same host and path_prefix as route 0") as info:
         table(("API.example.com", "/a"), ("api.example.com.", "/a"))
+    with pytest.raises(RouteError, match="same host and path_prefix"):
+        table((None, "/admin"), (None, "/Admin"))  # one route in a case-insensitive match
     assert info.value.index == 1
     with pytest.raises(RouteError):
         table((None, "/a"), ("*", "/a"))

@@ -24,8 +24,8 @@ and TE on HTTP/1.0 by dropping CL and closing, we refuse both):
 - HTTP/1.0 or HTTP/1.1 only (``PRI * HTTP/2.0`` is refused), no CONNECT, origin-form
   targets only (plus ``OPTIONS *``): this is a reverse proxy, an absolute-form target
   would let Host and target disagree about where the request goes;
-- no dot-segments, backslash, NUL or malformed %-escape in the path, decoded or not,
-  so a backend that normalises cannot walk out of the route that was authorised;
+- the path is ``relay.paths``'s (canonical form, or 400 for what backends read
+  differently), applied once where the request is routed and forwarded;
 - exactly one Host on every request, a plain host[:port];
 - Content-Length: at most one field, 1*DIGIT only (no sign, no list, no empty value);
 - Transfer-Encoding: at most one field whose whole value, after trimming SP/HTAB, is
@@ -42,7 +42,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import NamedTuple
-from urllib.parse import unquote_to_bytes
 
 import h11
 
@@ -67,7 +66,6 @@ _STATUS_LINE = re.compile(
     rb"HTTP/(?P<version>\d\.\d) (?P<status>\d{3})(?: [\t\x20-\x7e\x80-\xff]*)?"
 )
 _HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(?::[0-9]{1,5})?")
-_BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 _VERSIONS = (b"1.0", b"1.1")
 
 
@@ -269,22 +267,10 @@ def _framing(parsed: _Parsed, version: bytes, error: type[HttpError]) -> Framing
 
 
 def _check_target(method: bytes, target: bytes) -> None:
-    if target == b"*":
-        if method != b"OPTIONS":
-            raise BadRequest("asterisk-form target is only for OPTIONS")
-        return
-    if not target.startswith(b"/"):
-        raise BadRequest("only origin-form request targets are accepted")
-    if b"#" in target:
-        raise BadRequest("fragment in request target")
-    path = target.partition(b"?")[0]
-    if _BAD_ESCAPE.search(path):
-        raise BadRequest("malformed percent-encoding in path")
-    for form in (path, unquote_to_bytes(path)):
-        if b"\\" in form or b"\x00" in form:
-            raise BadRequest("backslash or NUL in path")
-        if any(segment in (b".", b"..") for segment in form.split(b"/")):
-            raise BadRequest("dot-segment in path")
+    # The path itself (dot-segments, escapes, slashes) is ``relay.paths``'s: one rule
+    # for routing and forwarding, applied by the server right after this validation.
+    if target == b"*" and method != b"OPTIONS":
+        raise BadRequest("asterisk-form target is only for OPTIONS")
 
 
 class BodyLimit:

@@ -21,10 +21,11 @@ written for ``/api`` should not cover a sibling that merely shares letters). A p
 ending in ``/`` is a plain string prefix, so ``/`` matches everything and ``/api/``
 does not match ``/api``.
 
-Paths are compared after RFC 3986 §6.2.2 normalisation (unreserved characters decoded,
-hex escapes upper-cased) and with ``%2F`` read as ``/``, so ``/%61dmin`` and
-``/admin%2Fx`` fall under the ``/admin`` route a decoding backend would serve them from.
-``framing`` has already refused dot-segments and backslashes.
+Paths are compared in their canonical form (``relay.paths``: the one path rule, also what
+is forwarded) and without regard to ASCII case, so ``//admin``, ``/%61dmin`` and
+``/ADMIN`` all fall under the ``/admin`` route that a slash-merging, decoding or
+case-insensitive backend would serve them from; spellings that backends read differently
+(``%2F``, ``;``, dot-segments...) never reach a route: they are refused with 400.
 """
 
 from __future__ import annotations
@@ -34,15 +35,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from mtlsproxy.relay.errors import RouteError
+from mtlsproxy.relay.errors import HttpError, RouteError
+from mtlsproxy.relay.paths import canonical_path
 
 T = TypeVar("T")
 
 _LABELS = re.compile(r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?(?:\.[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?)*")
 _IPV6_LITERAL = re.compile(r"\[[0-9a-f:.]+\]")
-_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
-# RFC 3986 unreserved characters, plus "/" on purpose (see the module comment).
-_DECODED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~/")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,9 +78,11 @@ class RouteTable(Generic[T]):
         self._suffixes = sorted(self._wildcard, key=len, reverse=True)
 
     def match(self, host: str | bytes | None, target: str | bytes) -> Route[T] | None:
-        """The route for a Host header value and a request target, or None (404)."""
+        """The route for a Host header value and a request target, or None (404).
+
+        Raises ``BadRequest`` for a target that ``relay.paths`` refuses."""
         group = self._group(normalize_host(host))
-        path = route_path(target)
+        path = route_path(target).lower()
         for prefix, route in group:
             if _prefix_matches(prefix, path):
                 return route
@@ -113,17 +114,14 @@ def normalize_host(host: str | bytes | None) -> str | None:
 
 
 def route_path(target: str | bytes) -> str:
-    """The path a target is routed by: query dropped, RFC 3986 normalised, %2F as ``/``."""
-    text = target.decode("ascii", "replace") if isinstance(target, bytes) else target
-    path = text.partition("?")[0]
-    if path == "*":
+    """The path a target is routed by: its canonical path (``relay.paths``), no query.
+
+    Raises ``BadRequest`` for a spelling that path rule refuses."""
+    raw = target.encode("utf-8", "surrogateescape") if isinstance(target, str) else target
+    path = raw.partition(b"?")[0]
+    if path == b"*":
         return "/"  # OPTIONS * concerns the whole server: route it as the root
-    return _ESCAPE.sub(_normalize_escape, path)
-
-
-def _normalize_escape(match: re.Match[str]) -> str:
-    byte = int(match.group(1), 16)
-    return chr(byte) if byte in _DECODED else "%" + match.group(1).upper()
+    return canonical_path(path).decode("ascii")
 
 
 def _prefix_matches(prefix: str, path: str) -> bool:
@@ -152,9 +150,15 @@ def _prefix(route: Route[T]) -> str:
     prefix = route.path_prefix
     if not prefix.startswith("/") or "?" in prefix or "#" in prefix:
         raise RouteError(route.index, f"path_prefix {prefix!r} must be a path starting with '/'")
-    if any(segment in (".", "..") for segment in prefix.split("/")):
-        raise RouteError(route.index, f"path_prefix {prefix!r} has a dot-segment")
-    return route_path(prefix)
+    try:
+        canonical = route_path(prefix)
+    except HttpError as exc:
+        raise RouteError(route.index, f"path_prefix {prefix!r}: {exc.reason}") from None
+    if canonical != prefix:
+        # A prefix no request can spell (requests are canonicalized before matching)
+        # would silently never match: say which spelling is meant instead.
+        raise RouteError(route.index, f"path_prefix {prefix!r} is written {canonical!r}")
+    return canonical.lower()
 
 
 class RoundRobin(Generic[T]):

@@ -71,6 +71,7 @@ from mtlsproxy.relay.headers import (
     is_websocket_upgrade,
     upstream_request_headers,
 )
+from mtlsproxy.relay.paths import canonical_target
 from mtlsproxy.relay.responses import error_response
 from mtlsproxy.relay.routing import RoundRobin, RouteTable
 from mtlsproxy.server.tcp import proxy_header
@@ -125,6 +126,7 @@ class _ClientGone(Exception):
 @dataclass
 class _Exchange:
     request: h11.Request
+    target: bytes  # canonical (relay.paths): what was routed, authorized and is forwarded
     route: RouteRuntime
     has_body: bool
     websocket: bool = False  # an upgrade the route lets through
@@ -243,11 +245,12 @@ class HttpConnection:
                 raise BadRequest("malformed request")
             request = event
             framing = validate_request(head.raw, request)
+            target = canonical_target(request.target)
             # The identity first: a denied or expired client must not learn which
             # routes exist (404 versus 403).
             self._check_identity()
-            route = self._match(request)
-            exchange = _Exchange(request, route, _has_body(framing), started=started)
+            route = self._match(request, target)
+            exchange = _Exchange(request, target, route, _has_body(framing), started=started)
             exchange.websocket = route.config.websocket and is_websocket_upgrade(request)
             self._authorize(route)
             limit = BodyLimit(self.listener.max_body_size or None, framing)
@@ -279,9 +282,9 @@ class HttpConnection:
             return None
         return leftover
 
-    def _match(self, request: h11.Request) -> RouteRuntime:
+    def _match(self, request: h11.Request, target: bytes) -> RouteRuntime:
         host = next((v for k, v in request.headers if k == b"host"), None)
-        route = self.routes.match(host, request.target)
+        route = self.routes.match(host, target)
         if route is None:
             raise NoRoute("no route for this host and path")
         return route.payload
@@ -415,7 +418,7 @@ class HttpConnection:
         )
         upstream_req = h11.Request(
             method=request.method,
-            target=request.target,
+            target=exchange.target,
             headers=[(k, v) for k, v in headers if k.lower() != b"expect"],
         )
         for attempt in range(STALE_RETRIES + 1):
