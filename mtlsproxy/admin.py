@@ -194,6 +194,24 @@ class Admin:
             "chain": [summarize(c) for c in creds.cert_chain[1:]],
             "client_cas": [summarize(c) for c in creds.client_cas],
             "deny_entries": len(creds.deny),
+            "backends": [
+                {
+                    "cert": str(backend.files.cert),
+                    "client": summarize(backend.leaf),
+                    "chain": [summarize(c) for c in backend.cert_chain[1:]],
+                    "ca": str(backend.files.ca),
+                    "server_cas": [summarize(c) for c in backend.server_cas],
+                }
+                for backend, _ in material.backends.values()
+            ],
+            # Removals read from the files but held until the file stays the same.
+            "pending_removals": None
+            if material.pending is None
+            else {
+                "deny_entries": material.pending.deny_entries,
+                "client_cas": [summarize(c) for c in material.pending.client_cas],
+                "since": material.pending.since,
+            },
             "last_reload": self.store.last_result,
         }
         return 200, "application/json", msgspec.json.encode(body)

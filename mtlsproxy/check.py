@@ -7,7 +7,8 @@ from pathlib import Path
 
 from mtlsproxy import config
 from mtlsproxy.pki.describe import summarize
-from mtlsproxy.tls.credentials import load_credentials
+from mtlsproxy.tls.backend import all_backend_files
+from mtlsproxy.tls.store import CredentialStore
 from mtlsproxy.units import format_duration
 
 
@@ -15,7 +16,10 @@ def check_config(path: Path) -> str:
     """Raise a ConfigError/CredentialError naming what is wrong, or return a short summary."""
     cfg = config.load(path)
     tls = cfg.tls
-    creds = load_credentials(tls.cert, tls.key, tls.client_ca, tls.deny)
+    # The store proves every file the proxy will load (server, client CAs, deny list,
+    # backend identities) and builds the contexts, exactly as `serve` starts.
+    material = CredentialStore(tls, backends=all_backend_files(cfg)).current()
+    creds = material.credentials
     now = datetime.now(UTC)
     leaf = summarize(creds.leaf)
     lines = [
@@ -26,6 +30,12 @@ def check_config(path: Path) -> str:
         + "; ".join(ca.subject.rfc4514_string() for ca in creds.client_cas),
         f"  deny list    {len(creds.deny)} entries" + (f" ({tls.deny})" if tls.deny else ""),
     ]
+    for backend, _ in material.backends.values():
+        summary = summarize(backend.leaf)
+        lines.append(
+            f"  backend cert {summary.subject} ({backend.files.cert}), "
+            f"{format_duration(summary.not_after - now)} left"
+        )
     for listener in cfg.listeners:
         if listener.mode == "http":
             what = f"{len(listener.routes)} route(s)"

@@ -174,6 +174,9 @@ class TLS(Struct, frozen=True):
     key: Path
     client_ca: Path
     deny: Path | None = None
+    # The CA bundle this server's clients verify it against, for the proof that
+    # ``cert`` holds a whole chain up to it. Unset: client_ca (one private PKI).
+    server_ca: Path | None = None
     min_version: Literal["1.2", "1.3"] = "1.2"
     handshake_timeout: Duration = Duration("10s")
     reload_interval: Duration = Duration("2s")

@@ -36,6 +36,23 @@ class DenyList(msgspec.Struct, frozen=True):
     def __len__(self) -> int:
         return len(self.sha256) + len(self.serials) + len(self.uris) + len(self.cns)
 
+    def __or__(self, other: DenyList) -> DenyList:
+        return DenyList(
+            self.sha256 | other.sha256,
+            self.serials | other.serials,
+            self.uris | other.uris,
+            self.cns | other.cns,
+        )
+
+    def removed_in(self, newer: DenyList) -> int:
+        """How many of our entries ``newer`` no longer has (unbanned, or lost in a write)."""
+        return (
+            len(self.sha256 - newer.sha256)
+            + len(self.serials - newer.serials)
+            + len(self.uris - newer.uris)
+            + len(self.cns - newer.cns)
+        )
+
 
 def parse_deny_list(text: str, source: Path | str) -> DenyList:
     sha256: set[str] = set()

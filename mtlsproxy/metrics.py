@@ -41,7 +41,9 @@ AUTO_WARNING_MAX = 30 * 86400.0
 class Expiry:
     """One certificate the proxy holds: what it is, and until when it is valid."""
 
-    kind: str  # "server" (our leaf), "chain" (intermediates we send), "client_ca" (trusted)
+    # "server" (our leaf), "chain" (intermediates we send), "client_ca" (trusted),
+    # "backend_client" (our certificate towards TLS backends), "backend_ca" (verifies them)
+    kind: str
     subject: str
     not_before: datetime
     not_after: datetime

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,18 @@ def server_pair(issue: IssueFn) -> Pair:
 @pytest.fixture(scope="session")
 def client_pair(issue: IssueFn) -> Pair:
     return issue("client", "player-1", ous=["players"], uris=["spiffe://game.example/player/1"])
+
+
+@pytest.fixture
+def creds(tmp_path: Path, ca: CertificateAuthority, server_pair: Pair) -> Path:
+    """Credential files of a proxy in a folder of their own, ready to be rotated."""
+    folder = tmp_path / "creds"
+    folder.mkdir()
+    shutil.copy(server_pair.crt, folder / "server.crt")
+    shutil.copy(server_pair.key, folder / "server.key")
+    shutil.copy(ca.folder / "ca.crt", folder / "ca.crt")
+    (folder / "deny.txt").write_text("")
+    return folder
 
 
 @pytest.fixture

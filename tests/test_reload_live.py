@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import shutil
 import socket
 import ssl
 import time
@@ -13,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import pytest
 import trio
 from cryptography.hazmat.primitives import hashes
 from proxy_env import CLIENT_TIMEOUT, Env, parse_responses, read_request, route, serve_raw
@@ -24,17 +22,6 @@ from mtlsproxy.atomicfile import write_atomic
 from mtlsproxy.pki import CertificateAuthority
 
 FAST = 'reload_interval = "200ms"\nenforce_interval = "200ms"'
-
-
-@pytest.fixture
-def creds(tmp_path: Path, ca: CertificateAuthority, server_pair: Pair) -> Path:
-    folder = tmp_path / "creds"
-    folder.mkdir()
-    shutil.copy(server_pair.crt, folder / "server.crt")
-    shutil.copy(server_pair.key, folder / "server.key")
-    shutil.copy(ca.folder / "ca.crt", folder / "ca.crt")
-    (folder / "deny.txt").write_text("")
-    return folder
 
 
 async def rotatable(make_env: Any, creds: Path, tls: str = FAST, **kwargs: Any) -> Env:

@@ -9,11 +9,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import hashes, serialization
 from proxy_env import route, write_config
 from support import IssueFn, Pair
 
 from mtlsproxy import config, pem
 from mtlsproxy.atomicfile import write_atomic
+from mtlsproxy.errors import CredentialError
 from mtlsproxy.pki import CertificateAuthority
 from mtlsproxy.tls.store import CredentialStore
 
@@ -165,3 +167,113 @@ def test_anchors_are_remembered_and_bounded(files: Path) -> None:
     store.remember_anchor("leaf", "sha256:root")
     assert store.anchor_of("leaf") == "sha256:root"
     assert store.anchor_of("other") is None
+
+
+# ---- removals wait for a stable file -------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def clocked_store(folder: Path) -> tuple[CredentialStore, FakeClock]:
+    clock = FakeClock()
+    return CredentialStore(config.load(folder / "mtlsproxy.toml").tls, clock=clock), clock
+
+
+def test_a_truncated_deny_list_is_never_fail_open(
+    files: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Threat: `echo sha256:... > deny.txt` truncates before it writes; a poll in between
+    read an empty list and let every denied client in (35 requests in 2 s measured)."""
+    (files / "deny.txt").write_text("cn:thief\ncn:cheater\n")
+    store, clock = clocked_store(files)
+    assert store.current().credentials.deny.cns == {"thief", "cheater"}
+    (files / "deny.txt").write_text("")  # the truncation, caught by a poll
+    with caplog.at_level(logging.WARNING, logger="mtlsproxy.reload"):
+        assert store.reload("poll").result == "swapped"
+    assert store.current().credentials.deny.cns == {"thief", "cheater"}  # still in force
+    assert store.current().pending is not None
+    assert "2 entries disappeared" in caplog.text
+    (files / "deny.txt").write_text("cn:thief\n")  # the writer finishes: one entry removed
+    clock.now += 60  # however long: the content changed, so the wait starts again
+    store.reload("poll")
+    assert store.current().credentials.deny.cns == {"thief", "cheater"}
+    clock.now += 1  # under reload_interval (2 s) since that content was first read
+    assert store.reload("poll").result == "unchanged"
+    assert store.current().credentials.deny.cns == {"thief", "cheater"}
+    clock.now += 1
+    assert store.reload("poll").result == "swapped"  # stable for a poll: now in force
+    assert store.current().credentials.deny.cns == {"thief"}
+    assert store.current().pending is None
+
+
+def test_additions_take_effect_at_once_and_an_empty_list_is_loud(
+    files: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store, clock = clocked_store(files)
+    (files / "deny.txt").write_text("cn:thief\n")
+    assert store.reload("poll").result == "swapped"
+    assert store.current().credentials.deny.cns == {"thief"}  # no waiting to refuse more
+    assert store.current().pending is None
+    (files / "deny.txt").write_text("# cleared on purpose\n")
+    store.reload("poll")
+    clock.now += 2
+    with caplog.at_level(logging.WARNING, logger="mtlsproxy.reload"):
+        assert store.reload("poll").result == "swapped"
+    assert len(store.current().credentials.deny) == 0
+    empty = [r for r in caplog.records if "EMPTY" in r.getMessage()]
+    assert empty and empty[0].levelno == logging.ERROR
+
+
+def test_a_shrinking_ca_bundle_waits_too(
+    files: Path, ca: CertificateAuthority, other_ca: CertificateAuthority
+) -> None:
+    """Threat (to availability): a bundle of two CAs cut after the first by a write in
+    progress would refuse every client of the second and make the enforcer cut their
+    live sessions."""
+    both = (ca.folder / "ca.crt").read_bytes() + (other_ca.folder / "ca.crt").read_bytes()
+    (files / "ca.crt").write_bytes(both)
+    store, clock = clocked_store(files)
+    other_root = f"sha256:{other_ca.root.fingerprint(hashes.SHA256()).hex()}"
+    assert other_root in store.current().root_fingerprints
+    shutil.copy(ca.folder / "ca.crt", files / "ca.crt")  # the second CA is gone
+    store.reload("poll")
+    assert other_root in store.current().root_fingerprints  # held
+    clock.now += 2
+    store.reload("poll")
+    assert other_root not in store.current().root_fingerprints
+
+
+# ---- a server chain must be whole ----------------------------------------------------
+
+
+def test_a_server_chain_cut_after_its_leaf_is_refused(files: Path) -> None:
+    """Threat (to availability): `openssl x509 -in f -out f` keeps only the leaf; clients
+    that trust only the root then fail every handshake, and it used to be swapped in."""
+    store = store_for(files)
+    old = store.current()
+    leaf = pem.load_certificates((files / "server.crt").read_bytes(), "f")[0]
+    (files / "server.crt").write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    result = store.reload("poll")
+    assert result.result == "failed"
+    assert "intermediate is missing" in (result.error or "")
+    assert "server.crt" in (result.error or "")
+    assert store.current() is old
+
+
+def test_a_server_certificate_of_another_pki_needs_server_ca(
+    files: Path, other_ca: CertificateAuthority
+) -> None:
+    foreign = other_ca.issue(kind="server", name="localhost", dns=["localhost"])
+    foreign.write(files / "server")
+    with pytest.raises(CredentialError, match=r"set tls\.server_ca"):
+        store_for(files)
+    text = (files / "mtlsproxy.toml").read_text()
+    text = text.replace("[tls]\n", f'[tls]\nserver_ca = "{other_ca.folder / "ca.crt"}"\n')
+    (files / "mtlsproxy.toml").write_text(text)
+    assert store_for(files).current().credentials.leaf == foreign.certificate

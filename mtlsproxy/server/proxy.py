@@ -33,7 +33,7 @@ from mtlsproxy.server.tcp import tcp_route
 from mtlsproxy.server.upstream import Target, UpstreamPool
 from mtlsproxy.server.workers import ask_supervisor_to_reload
 from mtlsproxy.sessions import Enforcer, SessionRegistry
-from mtlsproxy.tls.backend import backend_context
+from mtlsproxy.tls.backend import all_backend_files, backend_files
 from mtlsproxy.tls.store import CredentialStore, ReloadResult
 from mtlsproxy.units import format_duration
 
@@ -59,12 +59,12 @@ class Proxy:
         self.worker = worker
         self.metrics = Metrics()
         self.sessions = SessionRegistry()
-        self.store = CredentialStore(config.tls)
+        self.store = CredentialStore(config.tls, backends=all_backend_files(config))
         self.access = AccessLog(config.log.access, on_drop=self.metrics.access_log_dropped.inc)
         self.shared = Shared(
             store=self.store,
             sessions=self.sessions,
-            pool=UpstreamPool(),
+            pool=UpstreamPool(lambda files: self.store.current().backend_context(files)),
             metrics=self.metrics,
             handshake_timeout=config.tls.handshake_timeout.seconds,
             access=self.access,
@@ -97,12 +97,18 @@ class Proxy:
 
     def certificates(self) -> list[Expiry]:
         """The certificates in use, for expiry metrics and warnings."""
-        creds = self.store.current().credentials
+        material = self.store.current()
+        creds = material.credentials
         kinds = (
             [("server", creds.leaf)]
             + [("chain", c) for c in creds.cert_chain[1:]]
             + [("client_ca", c) for c in creds.client_cas]
         )
+        # The proxy's own client certificate towards TLS backends renews like the rest,
+        # and a CA that verifies backends can run out too.
+        for backend, _ in material.backends.values():
+            kinds.append(("backend_client", backend.leaf))
+            kinds += [("backend_ca", c) for c in backend.server_cas if c not in creds.client_cas]
         return [
             Expiry(
                 kind,
@@ -131,7 +137,9 @@ class Proxy:
             self._warned[key] = clock
             when = cert.not_after.isoformat(timespec="seconds")
             what = {"server": "server certificate", "chain": "intermediate CA certificate",
-                    "client_ca": "client CA certificate"}[cert.kind]  # fmt: skip
+                    "client_ca": "client CA certificate",
+                    "backend_client": "client certificate towards backends",
+                    "backend_ca": "backend CA certificate"}[cert.kind]  # fmt: skip
             if left <= 0:
                 message = f"the {what} {cert.subject} has EXPIRED (at {when})"
             else:
@@ -283,8 +291,8 @@ def _runtime(index: int, listener: Listener, config: Config, config_path: str) -
         for j, route in enumerate(listener.routes):
             where = f"listeners[{index}].routes[{j}]"
             label = route.name or f"{route.host or '*'}{route.path_prefix}"
-            tls_ctx = backend_context(route, config, where) if route.tls else None
-            targets = [Target(b, tls_ctx, route.tls_server_name) for b in route.backends]
+            files = backend_files(route, config) if route.tls else None
+            targets = [Target(b, files, route.tls_server_name) for b in route.backends]
             runtime = RouteRuntime(j, label, route, RoundRobin(targets))
             if route.allow is None:
                 log.info(

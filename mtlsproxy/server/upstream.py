@@ -8,14 +8,18 @@ wait for the connect timeouts.
 
 Pooled connections are checked before reuse: an idle keep-alive socket that has become
 readable has been closed by the backend (or carries bytes nobody asked for), and is
-dropped. The pool keeps connections idle for at most ``IDLE_SECONDS``, under the 5 s
-keep-alive common to backend servers, so we rarely race a backend closing one.
+dropped; so is a TLS connection made with material the credential store has since
+replaced (a renewed client certificate, a rotated backend CA), so that the old
+certificate is not used again after a renewal. The pool keeps connections idle for at
+most ``IDLE_SECONDS``, under the 5 s keep-alive common to backend servers, so we rarely
+race a backend closing one.
 """
 
 from __future__ import annotations
 
 import select
 from collections import defaultdict
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
 
@@ -24,6 +28,7 @@ import trio
 from OpenSSL import SSL
 
 from mtlsproxy.address import Address
+from mtlsproxy.tls.backend import BackendFiles
 from mtlsproxy.tls.engine import HandshakeError, TLSStream
 
 IDLE_SECONDS = 4.0
@@ -38,7 +43,7 @@ class Target:
     address, and a TLS failure says nothing about the plaintext port."""
 
     address: Address
-    tls_context: SSL.Context | None = None  # compared by identity: one per route
+    tls: BackendFiles | None = None  # its current context comes from the credential store
     server_hostname: str | None = None
 
     def __str__(self) -> str:
@@ -57,6 +62,7 @@ class Upstream:
     backend: Target
     stream: trio.abc.Stream
     fileno: int
+    tls_context: SSL.Context | None = None  # what it was made with
     conn: h11.Connection = field(default_factory=lambda: h11.Connection(h11.CLIENT))
     reused: bool = False
     idle_since: float = 0.0
@@ -80,7 +86,11 @@ class _Health:
 
 
 class UpstreamPool:
-    def __init__(self) -> None:
+    """``tls_context`` gives the current client context for a route's TLS files (the
+    credential store's); a pool without TLS backends needs none."""
+
+    def __init__(self, tls_context: Callable[[BackendFiles], SSL.Context] | None = None) -> None:
+        self._tls_context = tls_context
         self._idle: defaultdict[Target, list[Upstream]] = defaultdict(list)
         self._health: defaultdict[Target, _Health] = defaultdict(_Health)
 
@@ -94,14 +104,16 @@ class UpstreamPool:
         TCP session must never inherit a connection HTTP left in the pool)."""
         idle = self._idle[backend]
         now = trio.current_time()
+        context = self._context(backend)
         while idle and not fresh:
             up = idle.pop()  # most recently used first: the likeliest to be alive
-            if now - up.idle_since < IDLE_SECONDS and up.looks_alive():
+            current = up.tls_context is context  # not made with replaced material
+            if current and now - up.idle_since < IDLE_SECONDS and up.looks_alive():
                 up.reused = True
                 return up
             await discard(up)
         try:
-            up = await self._connect(backend, connect_timeout)
+            up = await self._connect(backend, context, connect_timeout)
         except ConnectFailed:
             health = self._health[backend]
             health.down_until = trio.current_time() + health.backoff
@@ -110,8 +122,17 @@ class UpstreamPool:
         self._health[backend] = _Health()
         return up
 
-    async def _connect(self, backend: Target, timeout: float) -> Upstream:
-        address, tls_context = backend.address, backend.tls_context
+    def _context(self, backend: Target) -> SSL.Context | None:
+        if backend.tls is None:
+            return None
+        if self._tls_context is None:
+            raise RuntimeError("a TLS backend needs a pool made with tls_context")
+        return self._tls_context(backend.tls)
+
+    async def _connect(
+        self, backend: Target, tls_context: SSL.Context | None, timeout: float
+    ) -> Upstream:
+        address = backend.address
         with trio.move_on_after(timeout) as scope:
             try:
                 tcp = await trio.open_tcp_stream(address.host, address.port)
@@ -131,7 +152,7 @@ class UpstreamPool:
             except HandshakeError as exc:
                 raise ConnectFailed(backend, f"TLS: {exc.detail}") from exc
             # TLSStream re-wraps the same descriptor, so the number stays valid.
-            return Upstream(backend, tls, fileno)
+            return Upstream(backend, tls, fileno, tls_context)
         assert scope.cancelled_caught
         raise ConnectFailed(backend, f"no connection within {timeout:g} s")
 

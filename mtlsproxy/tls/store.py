@@ -4,18 +4,36 @@ Theory of operation
 ===================
 
 Every accepted connection asks ``current()`` once, at accept time, and handshakes with
-the contexts it gets. A reload builds a complete new ``Material`` next to the old one and
-swaps one reference: a handshake in progress keeps the object it started with, nothing is
-ever changed in place, and there is no SNI-callback context switching (OpenSSL does not
-carry verify settings over to a switched context).
+the contexts it gets; every new backend connection of a ``tls = true`` route asks it for
+the current context of that route's files (``Material.backend_context``). A reload
+builds a complete new ``Material`` next to the old one and swaps one reference: a
+handshake in progress keeps the object it started with, nothing is ever changed in place,
+and there is no SNI-callback context switching (OpenSSL does not carry verify settings
+over to a switched context).
 
-``reload()`` is cheap when nothing changed: it reads the files and compares a digest of
-their *content* (mtime lies under Kubernetes ``..data`` symlink swaps and ``cp -p``).
-When the content changed it proves everything (``tls.credentials``) before building
-contexts; on any failure the old material stays, one line names the file and the reason,
-and the same bad content is not reported again on every poll. A cert/key pair replaced
-one file after the other is therefore never swapped in half-way: the mismatched middle
-state fails the proof, and the next poll sees the finished pair.
+What it owns: the server certificate and key, the client CA bundle, the deny list, the
+optional ``server_ca``, and the proxy's client identity towards TLS backends
+(``tls_cert``/``tls_key``/``tls_ca`` of the routes). All of them renew; all are proved
+and swapped together.
+
+``reload()`` is cheap when nothing changed: it reads every file once and compares a
+digest of their *content* (mtime lies under Kubernetes ``..data`` symlink swaps and
+``cp -p``). When the content changed it proves everything from those same bytes
+(``tls.credentials``, ``tls.backend``) before building contexts; on any failure the old
+material stays, one line names the file and the reason, and the same bad content is not
+reported again on every poll. A cert/key pair replaced one file after the other is
+therefore never swapped in half-way: the mismatched middle state fails the proof, and the
+next poll sees the finished pair.
+
+Removals wait until the file is stable. ``echo x > deny.txt`` truncates the file before
+it writes, and a poll between the two reads an empty list: taken at once, that lets every
+denied client back in. A CA bundle cut short the same way would refuse (and the enforcer
+would disconnect) every client of the lost CAs. So a change that *removes* deny entries or
+CAs takes effect only once the same content has been read again at least
+``reload_interval`` later (the next poll); meanwhile the old entries stay in force next to
+the new ones (``Material.pending`` says so). Additions take effect at once: they only
+ever refuse more. A removal is logged as a warning, a deny list that drops to empty as an
+error.
 
 Sessions do not resume across a swap: each SSL_CTX has its own session cache and ticket
 keys, and the session id context is derived from the material's digest. A client must
@@ -31,36 +49,63 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 import msgspec
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from OpenSSL import SSL
 
 from mtlsproxy.config import TLS
 from mtlsproxy.errors import CredentialError
 from mtlsproxy.pki.describe import fingerprint
+from mtlsproxy.tls.backend import (
+    BackendCredentials,
+    BackendFiles,
+    build_backend_context,
+    load_backend_credentials,
+)
 from mtlsproxy.tls.context import build_server_context
-from mtlsproxy.tls.credentials import Credentials, content_digest, load_credentials
+from mtlsproxy.tls.credentials import Credentials, digest_of, load_credentials, read_files
 
 log = logging.getLogger("mtlsproxy.reload")
 
 _ANCHORS_KEPT = 100_000
+_SHA256 = hashes.SHA256()
+
+
+@dataclass(frozen=True)
+class Pending:
+    """Removals read from the files but not in force yet (see the module comment)."""
+
+    deny_entries: int  # deny entries still applied although the file dropped them
+    client_cas: tuple[x509.Certificate, ...]  # CAs still trusted although dropped
+    since: datetime  # when that content was first read
 
 
 @dataclass(frozen=True)
 class Material:
-    credentials: Credentials
+    credentials: Credentials  # what is in force: the files' content, plus pending removals
     generation: int
     loaded_at: datetime
     http_context: SSL.Context  # ALPN http/1.1
     raw_context: SSL.Context  # no ALPN: raw TCP listeners
     root_fingerprints: frozenset[str]  # the CAs of client_ca, "sha256:<hex>"
+    backends: Mapping[BackendFiles, tuple[BackendCredentials, SSL.Context]] = field(
+        default_factory=dict
+    )
+    pending: Pending | None = None
 
     def context_for(self, mode: str) -> SSL.Context:
         return self.http_context if mode == "http" else self.raw_context
+
+    def backend_context(self, files: BackendFiles) -> SSL.Context:
+        return self.backends[files][1]
 
 
 class ReloadResult(msgspec.Struct, frozen=True):
@@ -71,7 +116,13 @@ class ReloadResult(msgspec.Struct, frozen=True):
     error: str | None = None
 
 
-def build_material(creds: Credentials, tls: TLS, generation: int) -> Material:
+def build_material(
+    creds: Credentials,
+    tls: TLS,
+    generation: int,
+    backends: Mapping[BackendFiles, BackendCredentials] | None = None,
+    pending: Pending | None = None,
+) -> Material:
     sid = hashlib.sha256(b"mtlsproxy session id context\0" + creds.digest.encode()).digest()
 
     def context(alpn: list[bytes] | None) -> SSL.Context:
@@ -91,14 +142,42 @@ def build_material(creds: Credentials, tls: TLS, generation: int) -> Material:
         http_context=context([b"http/1.1"]),
         raw_context=context(None),
         root_fingerprints=frozenset(fingerprint(ca) for ca in creds.client_cas),
+        backends={
+            files: (backend, build_backend_context(backend, tls.min_version))
+            for files, backend in (backends or {}).items()
+        },
+        pending=pending,
     )
 
 
+@dataclass(frozen=True)
+class _Read:
+    """One reading of every file: the digest of their bytes, and what they prove to be."""
+
+    digest: str
+    credentials: Credentials
+    backends: dict[BackendFiles, BackendCredentials]
+
+
 class CredentialStore:
-    def __init__(self, tls: TLS, now: datetime | None = None) -> None:
+    def __init__(
+        self,
+        tls: TLS,
+        backends: Iterable[BackendFiles] = (),
+        now: datetime | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._tls = tls
-        creds = load_credentials(tls.cert, tls.key, tls.client_ca, tls.deny, now)
-        self._material = build_material(creds, tls, generation=1)
+        self._backend_files = tuple(dict.fromkeys(backends))  # unique, in config order
+        self._clock = clock
+        server_paths = [tls.cert, tls.key, tls.client_ca, tls.deny, tls.server_ca]
+        backend_paths = [p for files in self._backend_files for p in files.paths]
+        self._paths = list(dict.fromkeys(p for p in server_paths + backend_paths if p))
+        first = self._prove(read_files(self._paths), now)
+        self._seen = first.digest  # the content last read and proved
+        self._settled = first.credentials  # the last content fully in force
+        self._held: tuple[_Read, float] | None = None  # content with removals, first seen
+        self._material = build_material(first.credentials, tls, 1, first.backends)
         self.last_result = ReloadResult(datetime.now(UTC), "start", "swapped", 1)
         self._last_failed: str | None = None  # what the last failure was about
         self._anchors: OrderedDict[str, str] = OrderedDict()
@@ -118,42 +197,114 @@ class CredentialStore:
         if on_result:
             self._on_result.append(on_result)
 
+    def _prove(
+        self,
+        blobs: dict[Path, bytes],
+        now: datetime | None = None,
+        known: x509.Certificate | None = None,
+    ) -> _Read:
+        tls = self._tls
+        creds = load_credentials(
+            tls.cert,
+            tls.key,
+            tls.client_ca,
+            tls.deny,
+            now,
+            server_ca=tls.server_ca,
+            blobs=blobs,
+            known_anchor=known,
+        )
+        backends = {f: load_backend_credentials(f, blobs, now) for f in self._backend_files}
+        return _Read(digest_of(self._paths, blobs), creds, backends)
+
     def reload(self, source: str) -> ReloadResult:
         """Swap in the files' current content if it changed and proves good."""
-        tls, old = self._tls, self._material
         try:
-            digest = content_digest(tls.cert, tls.key, tls.client_ca, tls.deny)
+            blobs = read_files(self._paths)
         except CredentialError as exc:  # a file is missing or unreadable
             return self._failed(source, exc, fingerprint_of_failure=str(exc))
-        if digest == old.credentials.digest:
+        digest = digest_of(self._paths, blobs)
+        if digest == self._seen:
             self._last_failed = None
-            return self._record(ReloadResult(_now(), source, "unchanged", old.generation))
+            held = self._held
+            if held is not None and self._clock() - held[1] >= self._tls.reload_interval.seconds:
+                return self._settle(source, held[0])
+            return self._record(ReloadResult(_now(), source, "unchanged", self.generation))
         try:
-            creds = load_credentials(tls.cert, tls.key, tls.client_ca, tls.deny)
-            material = build_material(creds, tls, old.generation + 1)
+            read = self._prove(blobs, known=self._settled.server_anchor)
+            removed = _removals(self._settled, read.credentials)
+            pending = None
+            if removed.deny_entries or removed.client_cas:
+                pending = removed
+                creds = _with_removals_held(read.credentials, self._settled)
+            else:
+                creds = read.credentials
+            material = build_material(creds, self._tls, self.generation + 1, read.backends, pending)
         except (CredentialError, SSL.Error, ValueError) as exc:
             return self._failed(source, exc, fingerprint_of_failure=digest)
+        self._seen = digest
+        if pending is None:
+            self._held, self._settled = None, read.credentials
+        else:
+            self._held = (read, self._clock())
+            _warn_held(pending, self._tls, self.generation + 1)
+        return self._swap(source, material, _what_changed(self._material, material))
+
+    def _settle(self, source: str, read: _Read) -> ReloadResult:
+        """The content with removals stayed the same for a poll: put it in force."""
+        try:
+            material = build_material(
+                read.credentials, self._tls, self.generation + 1, read.backends
+            )
+        except (CredentialError, SSL.Error, ValueError) as exc:  # did prove before
+            return self._failed(source, exc, fingerprint_of_failure=read.digest)
+        pending = self._material.pending
+        self._held, self._settled = None, read.credentials
+        if pending is not None and pending.deny_entries:
+            if len(read.credentials.deny) == 0:
+                log.error(
+                    "deny list %s is now EMPTY (%d entries removed): every client "
+                    "certificate from client_ca is admitted again",
+                    self._tls.deny,
+                    pending.deny_entries,
+                )
+            else:
+                log.warning(
+                    "deny list %s: %d entries removed, now in force (%d left)",
+                    self._tls.deny,
+                    pending.deny_entries,
+                    len(read.credentials.deny),
+                )
+        if pending is not None and pending.client_cas:
+            log.warning(
+                "client CA bundle %s: %s removed, now in force: their clients are refused "
+                "and their live sessions closed",
+                self._tls.client_ca,
+                "; ".join(ca.subject.rfc4514_string() for ca in pending.client_cas),
+            )
+        return self._swap(source, material, "removals in force after the file stayed the same")
+
+    def _swap(self, source: str, material: Material, what: str) -> ReloadResult:
         self._material = material
         self._last_failed = None
-        log.info(
-            "reload (%s): generation %d: %s",
-            source,
-            material.generation,
-            _what_changed(old.credentials, creds),
-        )
+        log.info("reload (%s): generation %d: %s", source, material.generation, what)
         for callback in self._on_swap:
             callback(material)
         return self._record(ReloadResult(_now(), source, "swapped", material.generation))
 
+    @property
+    def generation(self) -> int:
+        return self._material.generation
+
     def _failed(self, source: str, exc: Exception, *, fingerprint_of_failure: str) -> ReloadResult:
-        result = ReloadResult(_now(), source, "failed", self._material.generation, str(exc))
+        result = ReloadResult(_now(), source, "failed", self.generation, str(exc))
         # The same bad content is reported once, not on every poll; an explicit reload
         # (signal, admin) always says what is wrong.
         if source != "poll" or fingerprint_of_failure != self._last_failed:
             log.error(
                 "reload (%s) refused, still serving generation %d: %s",
                 source,
-                self._material.generation,
+                self.generation,
                 exc,
             )
         self._last_failed = fingerprint_of_failure
@@ -178,18 +329,74 @@ class CredentialStore:
         return self._anchors.get(leaf_sha256)
 
 
-def _what_changed(old: Credentials, new: Credentials) -> str:
+def _removals(settled: Credentials, new: Credentials) -> Pending:
+    kept = {ca.fingerprint(_SHA256) for ca in new.client_cas}
+    return Pending(
+        deny_entries=settled.deny.removed_in(new.deny),
+        client_cas=tuple(ca for ca in settled.client_cas if ca.fingerprint(_SHA256) not in kept),
+        since=_now(),
+    )
+
+
+def _with_removals_held(new: Credentials, settled: Credentials) -> Credentials:
+    """``new`` with what it removed from ``settled`` still in force."""
+    kept = {ca.fingerprint(_SHA256) for ca in new.client_cas}
+    dropped = tuple(ca for ca in settled.client_cas if ca.fingerprint(_SHA256) not in kept)
+    held_digest = hashlib.sha256(f"{new.digest} held {settled.digest}".encode()).hexdigest()
+    return Credentials(
+        cert_chain=new.cert_chain,
+        key=new.key,
+        client_cas=new.client_cas + dropped,
+        deny=new.deny | settled.deny,
+        digest=held_digest,
+        server_anchor=new.server_anchor,
+    )
+
+
+def _warn_held(pending: Pending, tls: TLS, generation: int) -> None:
+    wait = tls.reload_interval.text
+    if pending.deny_entries:
+        log.warning(
+            "deny list %s: %d entries disappeared; they stay in force until the file has "
+            "stayed the same for %s (a rewrite in progress reads as a shorter list)",
+            tls.deny,
+            pending.deny_entries,
+            wait,
+        )
+    if pending.client_cas:
+        log.warning(
+            "client CA bundle %s: %s disappeared; still trusted until the file has stayed "
+            "the same for %s (generation %d)",
+            tls.client_ca,
+            "; ".join(ca.subject.rfc4514_string() for ca in pending.client_cas),
+            wait,
+            generation,
+        )
+
+
+def _what_changed(old: Material, new: Material) -> str:
+    before, after = old.credentials, new.credentials
     changes = []
-    if old.cert_chain != new.cert_chain:
-        leaf = new.leaf
+    if before.cert_chain != after.cert_chain:
+        leaf = after.leaf
         changes.append(
             f"server certificate {leaf.subject.rfc4514_string()} "
             f"until {leaf.not_valid_after_utc:%Y-%m-%d %H:%M}Z"
         )
-    if old.client_cas != new.client_cas:
-        changes.append(f"client CA bundle of {len(new.client_cas)}")
-    if old.deny != new.deny:
-        changes.append(f"deny list of {len(new.deny)}")
+    if before.client_cas != after.client_cas:
+        changes.append(f"client CA bundle of {len(after.client_cas)}")
+    if before.deny != after.deny:
+        changes.append(f"deny list of {len(after.deny)}")
+    for files, (backend, _) in new.backends.items():
+        previous = old.backends.get(files)
+        if previous is None or previous[0].cert_chain != backend.cert_chain:
+            leaf = backend.leaf
+            changes.append(
+                f"backend client certificate {leaf.subject.rfc4514_string()} "
+                f"until {leaf.not_valid_after_utc:%Y-%m-%d %H:%M}Z"
+            )
+        elif previous[0].server_cas != backend.server_cas:
+            changes.append(f"backend CA bundle {files.ca} of {len(backend.server_cas)}")
     return ", ".join(changes) or "same content, new bytes"
 
 
