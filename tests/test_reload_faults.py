@@ -15,7 +15,7 @@ import pytest
 import trio
 from proxy_env import read_request, serve_raw
 from support import MTLSPROXY, IssueFn, Pair, fetch_metrics, metric_sum
-from test_reload_live import rotatable, sha256_of
+from test_reload_live import FAST, rotatable, sha256_of
 
 from mtlsproxy import pem
 from mtlsproxy.atomicfile import write_atomic
@@ -127,13 +127,17 @@ async def test_the_client_certificate_towards_backends_renews_in_place(
     ca: CertificateAuthority,
     issue: IssueFn,
     edge_identity: tuple[Path, Path],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Threat (to availability): tls_cert/tls_key were loaded once at start, so a 24-hour
     certificate towards the backends lost every TLS backend a day later."""
     prefix, backend_ca = edge_identity
     backend = KeepAliveTLSBackend(ca, issue("server", "localhost", dns=["localhost"]))
     port = await serve_raw(nursery, backend.handle)
-    env = await rotatable(make_env, creds, routes=_tls_route(port, prefix, backend_ca), backends=0)
+    env = await rotatable(
+        make_env, creds, routes=_tls_route(port, prefix, backend_ca), backends=0,
+        tls=f'{FAST}\nexpiry_warning = "1m"',
+    )  # fmt: skip
     first = Pair(prefix.with_suffix(".crt"), prefix.with_suffix(".key"))
     old_serial = _serial(first)
     assert (await env.request("GET", "/")).text == old_serial
@@ -147,6 +151,8 @@ async def test_the_client_certificate_towards_backends_renews_in_place(
     metrics = await trio.to_thread.run_sync(fetch_metrics, env.admin_port)
     assert metric_sum(metrics, "mtlsproxy_certificate_expiry_timestamp_seconds",
                       kind="backend_client", subject="CN=mtlsproxy-edge") > 0  # fmt: skip
+    # ...and warns of its end (here inside the configured minute), from the proxy's start.
+    assert "client certificate towards backends CN=mtlsproxy-edge expires in" in caplog.text
 
     renewed = ca.issue(kind="client", name="mtlsproxy-edge", ttl=timedelta(seconds=30))
     write_atomic(first.key, pem.private_key_pem(renewed.key), mode=0o600)  # key first
