@@ -19,6 +19,8 @@ from proxy_env import (
     serve_raw,
 )
 
+from mtlsproxy import demo_backend
+
 
 class CountingBackend:
     """A raw backend that counts the requests that reach it and answers each with 200."""
@@ -211,15 +213,33 @@ async def test_backend_that_never_answers_is_504(make_env, nursery: trio.Nursery
     assert response.status_code == 504
 
 
-async def test_backend_down_is_502_then_503_while_marked_down(make_env) -> None:
-    with socket.socket() as probe:  # a port nobody listens on
+async def test_a_backend_that_comes_back_serves_the_next_request(
+    make_env, nursery: trio.Nursery
+) -> None:
+    """Fault: a route's only backend refuses, under concurrent requests, then comes back.
+    Each failure used to double the back-off (5 concurrent failures: 10 s of 503 after the
+    backend was healthy again); now the back-off grows once per window, and a route whose
+    backends are all marked down still tries the one whose mark ends first."""
+    with socket.socket() as probe:  # a port nobody listens on, for now
         probe.bind(("127.0.0.1", 0))
-        dead = probe.getsockname()[1]
-    env = await make_env(routes=route([dead]), backends=0)
-    assert (await env.request("GET", "/")).status_code == 502
-    assert (await env.request("GET", "/")).status_code == 503
-    labels = {"route": "*/", "backend": f"127.0.0.1:{dead}"}
-    assert env.proxy.metrics.sample("mtlsproxy_upstream_connect_errors_total", labels) == 1
+        port = probe.getsockname()[1]
+    env = await make_env(routes=route([port]), backends=0)
+    statuses: list[int] = []
+
+    async def one() -> None:
+        statuses.append((await env.request("GET", "/")).status_code)
+
+    async with trio.open_nursery() as burst:
+        for _ in range(5):
+            burst.start_soon(one)
+    assert statuses == [502] * 5
+    labels = {"route": "*/", "backend": f"127.0.0.1:{port}"}
+    assert env.proxy.metrics.sample("mtlsproxy_upstream_connect_errors_total", labels) == 5
+    target = env.proxy.listeners[0].routes.match("x", "/").payload.backends.order()[0]
+    assert env.proxy.shared.pool.is_up(target) is False  # marked down...
+    await nursery.start(demo_backend.serve, "127.0.0.1", port)
+    with trio.fail_after(1):  # ...and still the next request is served, at once
+        assert (await env.request("GET", "/")).status_code == 200
 
 
 async def test_a_refusing_backend_is_skipped_for_a_live_one(make_env) -> None:

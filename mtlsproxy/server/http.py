@@ -55,7 +55,6 @@ from mtlsproxy.relay.errors import (
     HttpError,
     NoRoute,
     RequestTimeout,
-    ServiceUnavailable,
 )
 from mtlsproxy.relay.framing import (
     BodyLimit,
@@ -449,9 +448,7 @@ class HttpConnection:
             return
 
     async def _connect(self, route: RouteRuntime) -> Upstream:
-        candidates = [b for b in route.backends.order() if self.pool.is_up(b)]
-        if not candidates:
-            raise ServiceUnavailable("no healthy backend")
+        candidates = self.pool.eligible(route.backends.order())
         header = route.config.proxy_protocol == "v2"
         for backend in candidates:
             try:

@@ -210,6 +210,7 @@ class Proxy:
                     for runtime, sock in bound:
                         accepting.start_soon(accept_loop, runtime, sock, self.shared, connections)
                     accepting.start_soon(self._poll)
+                    accepting.start_soon(self.shared.pool.reap)
                     accepting.start_soon(self.enforcer.run)
                     if not self.worker:  # one process warns, not every worker
                         accepting.start_soon(self._watch_expiry)

@@ -145,7 +145,7 @@ async def _pipe(
 async def _connect(
     route: TcpRoute, listener: Listener, pool: UpstreamPool, metrics: Metrics, session: Session
 ) -> Any:
-    candidates = [t for t in route.backends.order() if pool.is_up(t)]
+    candidates = pool.eligible(route.backends.order())
     for target in candidates:
         try:
             return await pool.acquire(

@@ -1,10 +1,14 @@
 """Connections to backends: open with a deadline, keep alive in a pool, notice dead ones.
 
-Health is passive: a backend that refuses a connection (or times out connecting) is
-marked down for a short, growing back-off (1 s doubling to 10 s) and skipped while down;
-the next request after the back-off tries it again, and a success clears the mark.
-A route whose backends are all down answers 503 at once instead of making every client
-wait for the connect timeouts.
+Health is passive. A backend that refuses a connection (or times out connecting) is
+marked down for a back-off window (1 s, doubling to 10 s while new probes keep failing)
+and skipped while other backends of the route are up. The back-off grows once per
+*window*, not once per failed request: twenty requests that fail together in one outage
+are one failure, not twenty doublings (that pushed a route to 10 s of 503s after its
+backend was back). And marks alone never leave a route with nothing to try: when every
+backend of a route is marked down, the one whose mark ends first is tried anyway (Envoy's
+panic mode, nginx's behaviour with a single server), so a backend that comes back serves
+the very next request.
 
 Pooled connections are checked before reuse: an idle keep-alive socket that has become
 readable has been closed by the backend (or carries bytes nobody asked for), and is
@@ -12,7 +16,8 @@ dropped; so is a TLS connection made with material the credential store has sinc
 replaced (a renewed client certificate, a rotated backend CA), so that the old
 certificate is not used again after a renewal. The pool keeps connections idle for at
 most ``IDLE_SECONDS``, under the 5 s keep-alive common to backend servers, so we rarely
-race a backend closing one.
+race a backend closing one; ``reap()`` closes the ones that outlive it (or that the
+backend closed), so a burst does not leave sockets in CLOSE-WAIT until the next request.
 """
 
 from __future__ import annotations
@@ -81,8 +86,14 @@ class Upstream:
 
 @dataclass
 class _Health:
-    down_until: float = 0.0
-    backoff: float = _DOWN_MIN
+    down_until: float = 0.0  # marked down until then (0: never failed)
+    backoff: float = _DOWN_MIN  # the next window's length
+
+    def failed(self, now: float) -> None:
+        if now < self.down_until:
+            return  # the same outage, seen by another request: one failure per window
+        self.down_until = now + self.backoff
+        self.backoff = min(self.backoff * 2, _DOWN_MAX)
 
 
 class UpstreamPool:
@@ -96,6 +107,15 @@ class UpstreamPool:
 
     def is_up(self, backend: Target) -> bool:
         return trio.current_time() >= self._health[backend].down_until
+
+    def eligible(self, backends: list[Target]) -> list[Target]:
+        """The backends to try, in order: those not marked down, or, when every one is,
+        the one whose mark ends first (marks alone never leave a route with none)."""
+        now = trio.current_time()
+        up = [b for b in backends if now >= self._health[b].down_until]
+        if up or not backends:
+            return up
+        return [min(backends, key=lambda b: self._health[b].down_until)]
 
     async def acquire(
         self, backend: Target, *, connect_timeout: float, fresh: bool = False
@@ -115,9 +135,7 @@ class UpstreamPool:
         try:
             up = await self._connect(backend, context, connect_timeout)
         except ConnectFailed:
-            health = self._health[backend]
-            health.down_until = trio.current_time() + health.backoff
-            health.backoff = min(health.backoff * 2, _DOWN_MAX)
+            self._health[backend].failed(trio.current_time())
             raise
         self._health[backend] = _Health()
         return up
@@ -171,6 +189,21 @@ class UpstreamPool:
         up.idle_since = trio.current_time()
         idle.append(up)
         return True
+
+    async def reap(self) -> None:
+        """Run for the pool's life: close idle connections once they are older than
+        ``IDLE_SECONDS`` or the backend has closed them."""
+        while True:
+            await trio.sleep(IDLE_SECONDS / 4)
+            now = trio.current_time()
+            for idle in self._idle.values():
+                stale = [
+                    u for u in idle if now - u.idle_since >= IDLE_SECONDS or not u.looks_alive()
+                ]
+                for up in stale:
+                    idle.remove(up)
+                for up in stale:
+                    await discard(up)
 
     async def aclose(self) -> None:
         for idle in self._idle.values():
