@@ -5,10 +5,11 @@ Theory of operation
 
 One request at a time (pipelined requests wait in the buffer, in order):
 
-1. **Head.** Our ``HeadReader`` collects the request head under two clocks: the wait for
-   its first byte is the idle keep-alive wait (cancellable by a drain or an enforcer),
-   and from that byte the whole head must arrive within ``header_timeout`` (a per-read
-   timeout would let a slowloris client trickle one byte at a time forever). The head
+1. **Head.** Our ``HeadReader`` collects the request head under a total deadline (a
+   per-read timeout would let a slowloris client trickle one byte at a time forever):
+   the first head of a connection must be complete ``header_timeout`` after the end of
+   the handshake; a later one may wait ``idle_timeout`` for its first byte (the idle
+   keep-alive wait, cancellable by a drain or an enforcer), then has ``header_timeout``. The head
    goes through h11 *and* our stricter ``validate_request``; anything ambiguous is
    answered 400 and the connection closed, never forwarded.
 2. **Decide.** Route by Host and path, check the deny list and the route's allow rules
@@ -33,6 +34,7 @@ honest signal left is closing the connection mid-body.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass
@@ -61,6 +63,7 @@ from mtlsproxy.relay.framing import (
     Framing,
     Head,
     HeadReader,
+    check_chunk_size,
     validate_request,
     validate_response,
 )
@@ -130,7 +133,11 @@ class _Exchange:
     has_body: bool
     websocket: bool = False  # an upgrade the route lets through
     sent_100: bool = False
-    body_done: bool = False  # the whole request body went upstream
+    body_done: bool = False  # the whole request body was read from the client
+    # The clock for the response head: it runs once the request is sent completely
+    # (nginx's read/send split); while the body flows, stall timeouts apply instead.
+    head_clock: trio.CancelScope | None = None
+    pumping: bool = False  # the body pump runs: the response head has no clock yet
     response_started: bool = False
     status: int = 0
     started: float = 0.0
@@ -166,8 +173,11 @@ class HttpConnection:
         # True when the connection ends with no unread input from the client, so a
         # plain close cannot turn into a RST that destroys the last response.
         self.clean_end = False
+        self._first_event: Any = None  # a body event parsed with the head, not yet relayed
+        self._connected = 0.0
 
     async def run(self) -> None:
+        self._connected = trio.current_time()  # the handshake has just ended
         leftover, first = b"", True
         self.clean_end = False
         # A connection asked to close before its first request (its handshake finished
@@ -191,14 +201,18 @@ class HttpConnection:
     # ---- 1. the head ---------------------------------------------------------------
 
     async def _read_head(self, leftover: bytes, *, first: bool) -> Head | None:
+        """One request head. The first one of a connection has one clock, from the end of
+        the handshake: ``header_timeout`` for the whole head, its first byte included.
+        Later ones wait up to ``idle_timeout`` for a first byte, then ``header_timeout``."""
         reader = HeadReader(max_bytes=self.listener.max_header_size)
         if leftover and (head := reader.feed(leftover)) is not None:
             return head
+        header_timeout = self.listener.header_timeout.seconds
+        deadline = self._connected + header_timeout if first else None
         if not reader.buffered:  # nothing, or only the CRLFs some clients send after a body
             idle = self.listener.idle_timeout.seconds
-            if first:  # a new connection that says nothing gets the shorter clock
-                idle = min(idle, self.listener.header_timeout.seconds)
-            with trio.CancelScope(deadline=trio.current_time() + idle) as scope:
+            idle_deadline = deadline if deadline is not None else trio.current_time() + idle
+            with trio.CancelScope(deadline=idle_deadline) as scope:
                 self.session.idle_scope = scope
                 if self.session.closing is not None and not first:
                     scope.cancel()
@@ -208,7 +222,9 @@ class HttpConnection:
                 return None
             if (head := reader.feed(data)) is not None:
                 return head
-        with trio.move_on_after(self.listener.header_timeout.seconds):
+        if deadline is None:
+            deadline = trio.current_time() + header_timeout
+        with trio.CancelScope(deadline=deadline):
             while True:
                 data = await self._receive_or_eof()
                 if not data:
@@ -259,6 +275,10 @@ class HttpConnection:
             # once its EndOfMessage has been taken; for a bodyless request it is there.
             if not exchange.has_body and not isinstance(client.next_event(), h11.EndOfMessage):
                 raise BadRequest("malformed request")
+            if exchange.has_body and head.rest:
+                # Body bytes that came with the head are parsed before the head goes
+                # upstream, so a chunk size no backend can hold is refused with nothing sent.
+                self._first_event = self._parse_client_event(client)
             await self._forward(client, exchange, limit)
         except HttpError as exc:
             if exchange is not None and exchange.response_started:
@@ -510,6 +530,7 @@ class HttpConnection:
                     errors.append(exc)
                     both.cancel()
 
+            exchange.pumping = True  # now: the response side may look before the task runs
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(capture, lambda: self._pump_body(client, exchange, up, limit))
                 await capture(lambda: self._relay_response(client, exchange, up, stale_ok))
@@ -518,6 +539,20 @@ class HttpConnection:
             raise errors[0]
 
     async def _pump_body(
+        self, client: h11.Connection, exchange: _Exchange, up: Upstream, limit: BodyLimit
+    ) -> None:
+        try:
+            await self._pump_body_events(client, exchange, up, limit)
+        finally:
+            exchange.pumping = False
+            # Sent completely, or the backend stopped taking it (it may be answering):
+            # either way, from now on the backend has read_timeout to answer.
+            if exchange.head_clock is not None:
+                exchange.head_clock.deadline = (
+                    trio.current_time() + exchange.route.config.read_timeout.seconds
+                )
+
+    async def _pump_body_events(
         self, client: h11.Connection, exchange: _Exchange, up: Upstream, limit: BodyLimit
     ) -> None:
         try:
@@ -531,8 +566,12 @@ class HttpConnection:
                     )
                     await self._send_up(up, h11.Data(data=event.data))
                 elif isinstance(event, h11.EndOfMessage):
-                    await self._send_up(up, h11.EndOfMessage())
+                    # Before the last write, not after: a backend that answers at once
+                    # would otherwise find the body "unfinished" and the client's
+                    # keep-alive connection would be closed for nothing (a race seen
+                    # once in ~200 small chunked requests).
                     exchange.body_done = True
+                    await self._send_up(up, h11.EndOfMessage())
                     return
         except _UpstreamBroken:
             # The backend stopped taking the body: it may be answering already (413, 401),
@@ -540,13 +579,21 @@ class HttpConnection:
             # what happened; the unread rest of the body closes the client connection.
             return
 
+    def _parse_client_event(self, client: h11.Connection) -> Any:
+        try:
+            event = client.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise BadRequest("malformed request body") from exc
+        check_chunk_size(client)
+        return None if event is h11.NEED_DATA else event
+
     async def _next_client_event(self, client: h11.Connection) -> Any:
+        if (first := self._first_event) is not None:
+            self._first_event = None
+            return first
         while True:
-            try:
-                event = client.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise BadRequest("malformed request body") from exc
-            if event is not h11.NEED_DATA:
+            event = self._parse_client_event(client)
+            if event is not None:
                 return event
             with trio.move_on_after(self.listener.idle_timeout.seconds) as scope:
                 try:
@@ -623,7 +670,7 @@ class HttpConnection:
         """Relay informational (1xx) heads; return the final head and the bytes after it."""
         rest = b""
         while True:
-            head = await self._read_upstream_head(up, rest, timeout, stale_ok)
+            head = await self._read_upstream_head(exchange, up, rest, timeout, stale_ok)
             stale_ok = False
             up.conn.receive_data(head.raw)
             try:
@@ -642,18 +689,26 @@ class HttpConnection:
                 raise BadGateway("backend switched protocols without a WebSocket upgrade")
             if event.status_code == 100 and exchange.sent_100:
                 continue
+            if exchange.request.http_version == b"1.0":
+                continue  # RFC 9110 §15.2: no 1xx to an HTTP/1.0 client
             info = h11.InformationalResponse(
-                status_code=event.status_code, headers=downstream_response_headers(event)
+                status_code=event.status_code,
+                headers=downstream_response_headers(event),
+                reason=event.reason,
             )
             await self._send_client(client, info)
 
     async def _read_upstream_head(
-        self, up: Upstream, rest: bytes, timeout: float, stale_ok: bool
+        self, exchange: _Exchange, up: Upstream, rest: bytes, timeout: float, stale_ok: bool
     ) -> Head:
         reader = HeadReader(max_bytes=MAX_RESPONSE_HEAD, response=True)
         if rest and (head := reader.feed(rest)) is not None:
             return head
-        with trio.move_on_after(timeout):
+        sending = exchange.pumping
+        deadline = math.inf if sending else trio.current_time() + timeout
+        with trio.CancelScope(deadline=deadline) as clock:
+            if sending:
+                exchange.head_clock = clock  # the body pump starts it when it is done
             while True:
                 try:
                     data = await up.stream.receive_some(RECEIVE_SIZE)
