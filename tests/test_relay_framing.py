@@ -20,6 +20,7 @@ from mtlsproxy.relay.framing import (
     Framing,
     Head,
     HeadReader,
+    check_chunk_size,
     translate_h11_error,
     validate_request,
     validate_response,
@@ -393,3 +394,24 @@ def test_h11_errors_translate_without_echoing_input() -> None:
     with pytest.raises(h11.RemoteProtocolError) as info:
         big.next_event()
     assert translate_h11_error(info.value).status == 431
+
+
+def test_check_chunk_size_reads_h11s_chunk_count() -> None:
+    """Pins the h11 internal that check_chunk_size relies on: an h11 that renames it
+    must fail here, not silently stop refusing huge chunks."""
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n7FFFFFFFFFFFFFFF\r\nabc"
+    )
+    assert isinstance(conn.next_event(), h11.Request)
+    assert isinstance(conn.next_event(), h11.Data)
+    assert conn._reader._bytes_in_chunk == 0x7FFFFFFFFFFFFFFF - 3  # type: ignore[union-attr]
+    with pytest.raises(BadRequest, match="chunk size"):
+        check_chunk_size(conn)
+    small = h11.Connection(h11.SERVER)
+    small.receive_data(
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n100000\r\nabc"
+    )
+    small.next_event()
+    small.next_event()
+    check_chunk_size(small)
