@@ -9,6 +9,15 @@ present a client certificate that renews itself.
         http.get("https://api.example:8443/")         # httpx
     ctx = client.ssl_context("player.crt", "player.key", "ca.crt")  # anything on ssl
 
+One trust rule for every helper, the renewal client included: a ``PrivateTrustContext``
+trusts the CA bundle it was made with and nothing else. ``REQUESTS_CA_BUNDLE``,
+``CURL_CA_BUNDLE``, ``SSL_CERT_FILE`` and ``SSL_CERT_DIR`` change nothing, nor does a
+per-request ``verify=`` (even ``False``: the session verifies regardless). A library that
+tries to add CAs to the context (another bundle, the system's) or to turn verification or
+the hostname check off gets ``TrustChangeRefused``, so such a mistake fails loudly instead
+of widening the trust of every connection made with the context from then on. Proxy
+settings from the environment (``HTTPS_PROXY``...) are still honoured.
+
 Every new connection first looks at the files (a ``stat``, no read unless they changed)
 and loads a renewed certificate and key, and a changed CA bundle, into the context. A
 half-written renewal (the key already new, the certificate not yet) is skipped until it is
@@ -19,7 +28,9 @@ context (OpenSSL cannot forget a CA): restart long-lived clients after ``ca reti
 
 ``renew_once`` is what ``mtlsproxy client renew`` runs: a new key, a CSR, ``POST /renew``
 to the renewal service over mutual TLS, then the new pair written atomically (key first),
-and the trust bundle refreshed from ``GET /ca`` over that same verified connection.
+and the trust bundle refreshed from ``GET /ca`` over a connection verified the same way.
+A service whose certificate does not verify raises ``ServiceNotTrusted``, not
+``RetryLater``: waiting does not make an impostor genuine, so a person has to look.
 requests and httpx are needed only for their helpers (``pip install mtlsproxy[client]``).
 """
 
@@ -27,10 +38,11 @@ from __future__ import annotations
 
 import http.client
 import logging
+import os
 import ssl
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import urlsplit
 
 from cryptography import x509
@@ -46,9 +58,12 @@ from mtlsproxy.pki.lifecycle import RetryLater
 if TYPE_CHECKING:
     import httpx
     import requests
+    from _typeshed import ReadableBuffer, StrOrBytesPath
 
 __all__ = [
+    "PrivateTrustContext",
     "RenewingContext",
+    "TrustChangeRefused",
     "httpx_client",
     "renew_once",
     "requests_session",
@@ -59,21 +74,104 @@ TIMEOUT = 15.0
 log = logging.getLogger("mtlsproxy.renew")
 
 
-class RenewingContext(ssl.SSLContext):
-    """An ``ssl.SSLContext`` for clients that reloads its certificate when the files change."""
+class TrustChangeRefused(CAError):
+    """Something tried to widen or weaken a ``PrivateTrustContext``."""
+
+
+class PrivateTrustContext(ssl.SSLContext):
+    """A TLS client context that trusts only the CA bundle it was made with, and always
+    verifies the server's certificate and name.
+
+    It refuses, with ``TrustChangeRefused``, whatever would change that for every later
+    connection: ``load_verify_locations`` with anything but its own bundle,
+    ``load_default_certs``, ``set_default_verify_paths``, a ``verify_mode`` other than
+    ``CERT_REQUIRED`` and ``check_hostname = False``.
+    """
+
+    ca: Path
+
+    def __new__(cls, *_args: Any, **_kwargs: Any) -> Self:
+        return super().__new__(cls, ssl.PROTOCOL_TLS_CLIENT)
+
+    def __init__(self, ca: str | Path) -> None:
+        # SSLContext is set up in __new__ (with the protocol); nothing to pass on here.
+        # PROTOCOL_TLS_CLIENT starts with CERT_REQUIRED and check_hostname on; the setters
+        # below keep them so.
+        self.ca = Path(ca)
+        self.minimum_version = ssl.TLSVersion.TLSv1_2
+        self._load_bundle()
+
+    def _load_bundle(self) -> None:
+        super().load_verify_locations(cafile=str(self.ca))
+
+    def load_verify_locations(
+        self,
+        cafile: StrOrBytesPath | None = None,
+        capath: StrOrBytesPath | None = None,
+        cadata: str | ReadableBuffer | None = None,
+    ) -> None:
+        # Its own bundle again is harmless (and what a library handed the same path does).
+        if cafile is not None and capath is None and cadata is None and self._is_own(cafile):
+            self._load_bundle()
+            return
+        offered = [
+            f"{name} {os.fsdecode(value)}"
+            for name, value in (("cafile", cafile), ("capath", capath))
+            if value is not None
+        ] + (["cadata"] if cadata is not None else [])
+        raise TrustChangeRefused(
+            f"this TLS context trusts only {self.ca}; refusing to add CAs from "
+            f"{', '.join(offered) or 'nowhere'}"
+        )
+
+    def _is_own(self, cafile: StrOrBytesPath) -> bool:
+        return Path(os.fsdecode(cafile)).resolve() == self.ca.resolve()
+
+    def load_default_certs(self, purpose: ssl.Purpose = ssl.Purpose.SERVER_AUTH) -> None:
+        raise TrustChangeRefused(
+            f"this TLS context trusts only {self.ca}; refusing to add the system's CAs"
+        )
+
+    def set_default_verify_paths(self) -> None:
+        raise TrustChangeRefused(
+            f"this TLS context trusts only {self.ca}; refusing to add the default CA paths"
+        )
+
+    # Setting a value the context already has is allowed: urllib3 and http.client set
+    # CERT_REQUIRED and check_hostname = True on every context they are given.
+    @property
+    def verify_mode(self) -> ssl.VerifyMode:
+        return super().verify_mode
+
+    @verify_mode.setter
+    def verify_mode(self, value: int) -> None:
+        if value != ssl.CERT_REQUIRED:
+            raise TrustChangeRefused(
+                f"this TLS context always verifies the server; refusing verify_mode={value!r}"
+            )
+
+    @property
+    def check_hostname(self) -> bool:
+        return super().check_hostname
+
+    @check_hostname.setter
+    def check_hostname(self, value: bool) -> None:
+        if not value:
+            raise TrustChangeRefused(
+                "this TLS context always checks the server's name; refusing check_hostname=False"
+            )
+
+
+class RenewingContext(PrivateTrustContext):
+    """A ``PrivateTrustContext`` for clients that reloads its certificate when the files
+    change."""
 
     cert: Path
     key: Path
-    ca: Path
-
-    def __new__(cls, cert: str | Path, key: str | Path, ca: str | Path) -> RenewingContext:
-        return super().__new__(cls, ssl.PROTOCOL_TLS_CLIENT)
 
     def __init__(self, cert: str | Path, key: str | Path, ca: str | Path) -> None:
-        # SSLContext is set up in __new__ (with the protocol); nothing to pass on here.
-        self.cert, self.key, self.ca = Path(cert), Path(key), Path(ca)
-        self.minimum_version = ssl.TLSVersion.TLSv1_2
-        self.load_verify_locations(cafile=str(self.ca))  # only the private CA, no system roots
+        super().__init__(ca)
+        self.cert, self.key = Path(cert), Path(key)
         self.load_cert_chain(str(self.cert), str(self.key))
         self._lock = threading.Lock()
         self._seen = (stat_signature(self.cert, self.key), stat_signature(self.ca))
@@ -89,7 +187,7 @@ class RenewingContext(ssl.SSLContext):
             changed = False
             if bundle != self._seen[1]:
                 try:
-                    self.load_verify_locations(cafile=str(self.ca))
+                    self._load_bundle()
                     self._seen = (self._seen[0], bundle)
                 except (OSError, ssl.SSLError):
                     pass
@@ -119,16 +217,44 @@ def ssl_context(cert: str | Path, key: str | Path, ca: str | Path) -> RenewingCo
 
 def requests_session(cert: str | Path, key: str | Path, ca: str | Path) -> requests.Session:
     """A ``requests.Session`` on a ``RenewingContext``; idle connections are dropped when the
-    certificate is renewed, so every request after a renewal shows the new certificate."""
+    certificate is renewed, so every request after a renewal shows the new certificate.
+
+    Whom it trusts is the context's alone: ``verify=`` (per request or ``Session.verify``)
+    and ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE`` are ignored, and every request verifies."""
     import requests  # noqa: PLC0415 - optional: only this helper needs it
     from requests.adapters import HTTPAdapter  # noqa: PLC0415
 
     ctx = ssl_context(cert, key, ca)
 
     class _Adapter(HTTPAdapter):
+        # requests turns verify= (or, with trust_env, REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE,
+        # which win over Session.verify) into urllib3's ca_certs/ca_cert_dir and cert_reqs;
+        # urllib3 would load that bundle into the shared context, widening it for the life
+        # of the process, and set its verify_mode. So urllib3 never gets either.
         def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
             kwargs["ssl_context"] = ctx
             super().init_poolmanager(*args, **kwargs)
+
+        def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+            # Tunnels through HTTPS_PROXY & co. are TLS to the server too: same context
+            # (without it urllib3 makes one from the system's CAs, with no certificate).
+            proxy_kwargs["ssl_context"] = ctx
+            return super().proxy_manager_for(proxy, **proxy_kwargs)
+
+        def build_connection_pool_key_attributes(
+            self, request: Any, verify: Any, cert: Any = None
+        ) -> tuple[dict[str, Any], dict[str, Any]]:
+            host, pool = super().build_connection_pool_key_attributes(request, True, cert)
+            pool.pop("ca_certs", None)
+            pool.pop("ca_cert_dir", None)
+            pool["cert_reqs"] = "CERT_REQUIRED"
+            return host, pool
+
+        def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
+            super().cert_verify(conn, url, False, cert)  # for cert=; it clears the CA settings
+            conn.cert_reqs = "CERT_REQUIRED"
+            conn.ca_certs = None
+            conn.ca_cert_dir = None
 
     class _Session(requests.Session):
         seen = ctx.generation
@@ -143,8 +269,9 @@ def requests_session(cert: str | Path, key: str | Path, ca: str | Path) -> reque
                     adapter.close()
             return super().send(request, **kwargs)
 
+    # trust_env stays on: it also carries the proxy settings people rely on, and the
+    # adapter already makes its CA bundles irrelevant.
     session = _Session()
-    session.verify = str(ca)  # what requests hands urllib3: the private CA, never certifi
     session.mount("https://", _Adapter())
     session.ssl_context = ctx  # type: ignore[attr-defined]
     return session
@@ -165,13 +292,18 @@ class RenewRefused(CAError):
     """The renewal service said no (expired, denied, bad request): retrying will not help."""
 
 
+class ServiceNotTrusted(CAError):
+    """The renewal service's certificate does not verify against the trust bundle."""
+
+
 def renew_once(
     url: str, ca: Path, prefix: Path, *, key_type: KeyType = "ecdsa-p256"
 ) -> x509.Certificate:
     """Renew ``PREFIX.crt``/``PREFIX.key`` at the service ``url``; returns the new leaf.
 
-    Raises ``RetryLater`` when the service is unreachable, busy or rate-limiting, and
-    ``RenewRefused`` when it refuses for good.
+    Raises ``RetryLater`` when the service is unreachable, busy or rate-limiting,
+    ``RenewRefused`` when it refuses for good, and ``ServiceNotTrusted`` when its
+    certificate does not verify against ``ca``.
     """
     cert_path, key_path = pair_paths(prefix)
     current = pem.load_certificates(pem.read_file(cert_path), cert_path)[0]
@@ -228,9 +360,9 @@ def _caller(url: str, ca: Path, cert_path: Path, key_path: Path) -> Any:
     parts = urlsplit(url)
     if parts.scheme != "https" or not parts.hostname:
         raise CAError(f"{url}: the renewal service URL must be https://host:port")
-    ctx = ssl.create_default_context(cafile=str(ca)) if ca.exists() else None
-    if ctx is None:
+    if not ca.exists():
         raise CAError(f"{ca}: no such trust bundle")
+    ctx = PrivateTrustContext(ca)
     try:
         ctx.load_cert_chain(str(cert_path), str(key_path))
     except ssl.SSLError as exc:
@@ -254,6 +386,11 @@ def _caller(url: str, ca: Path, cert_path: Path, key_path: Path) -> Any:
             conn.request(method, base + path, body=body, headers=headers)
             answer = conn.getresponse()
             data = answer.read()
+        except ssl.SSLCertVerificationError as exc:
+            raise ServiceNotTrusted(
+                f"{url}: its certificate does not verify against {ca} ({exc.verify_message}):"
+                " an impostor, or a service on a CA this bundle does not hold; not retrying"
+            ) from exc
         except (OSError, http.client.HTTPException) as exc:
             raise RetryLater(f"{url}: {exc}") from exc
         finally:

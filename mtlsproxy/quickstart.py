@@ -161,10 +161,10 @@ mtlsproxy quickstart: everything lives in {rel(files.folder)}/
   config       {rel(files.config)}
 
 With the client certificate (the backend answers with the identity it received):
-  curl --cacert {ca} --cert {crt} --key {key} {url}
+  curl --cacert {ca} --capath /dev/null --cert {crt} --key {key} {url}
 
 Without it (refused during the TLS handshake: "certificate required"):
-  curl --cacert {ca} {url}
+  curl --cacert {ca} --capath /dev/null {url}
 
 From Python:
   import requests
