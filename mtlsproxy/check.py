@@ -7,7 +7,9 @@ from pathlib import Path
 
 from mtlsproxy import config
 from mtlsproxy.pki.describe import summarize
+from mtlsproxy.server.proxy import listener_runtime
 from mtlsproxy.tls.backend import all_backend_files
+from mtlsproxy.tls.credentials import trust_warnings
 from mtlsproxy.tls.store import CredentialStore
 from mtlsproxy.units import format_duration
 
@@ -20,6 +22,9 @@ def check_config(path: Path) -> str:
     # backend identities) and builds the contexts, exactly as `serve` starts.
     material = CredentialStore(tls, backends=all_backend_files(cfg)).current()
     creds = material.credentials
+    # The route tables too: everything `serve` refuses before it binds, check refuses.
+    for i, listener in enumerate(cfg.listeners):
+        listener_runtime(i, listener, cfg, str(path))
     now = datetime.now(UTC)
     leaf = summarize(creds.leaf)
     lines = [
@@ -43,4 +48,5 @@ def check_config(path: Path) -> str:
             what = "-> " + ", ".join(str(b) for b in listener.backends)
         lines.append(f"  listener     {listener.listen} {listener.mode}, {what}")
     lines.append(f"  admin        {cfg.admin.listen}")
+    lines += [f"warning: {w}" for w in trust_warnings(creds, tls.client_ca)]
     return "\n".join(lines)

@@ -98,3 +98,30 @@ def test_config_error_is_one_line(setup: Path) -> None:
 
 def test_missing_config(tmp_path: Path) -> None:
     assert_refused(check(tmp_path), "mtlsproxy.toml", "no such file")
+
+
+def test_routes_serve_would_refuse_are_refused(setup: Path) -> None:
+    """`check` used to pass two routes with the same host and path_prefix, which `serve`
+    refuses at start: check now builds the route tables too."""
+    config = setup / "mtlsproxy.toml"
+    config.write_text(
+        config.read_text()
+        + '\n[[listeners.routes]]\npath_prefix = "/"\nbackends = ["127.0.0.1:8081"]\n'
+    )
+    assert_refused(check(setup), "listeners[0].routes[1]", "same host and path_prefix")
+
+
+def test_an_intermediate_only_client_ca_is_warned_about(
+    setup: Path, ca: CertificateAuthority
+) -> None:
+    """A client_ca holding the issuing CA alone refuses every client (OpenSSL verifies up
+    to a self-signed root): legal, and almost surely a mistake, so check says so."""
+    shutil.copy(ca.folder / "issuer.crt", setup / "ca.crt")
+    text = (setup / "mtlsproxy.toml").read_text()
+    (setup / "mtlsproxy.toml").write_text(
+        text.replace('client_ca = "ca.crt"', 'client_ca = "ca.crt"\nserver_ca = "root.crt"')
+    )
+    shutil.copy(ca.folder / "ca.crt", setup / "root.crt")
+    proc = check(setup)
+    assert proc.returncode == 0, proc.stderr
+    assert "warning:" in proc.stdout and "holds no root CA" in proc.stdout

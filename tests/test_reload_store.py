@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import resource
 import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -277,3 +279,28 @@ def test_a_server_certificate_of_another_pki_needs_server_ca(
     text = text.replace("[tls]\n", f'[tls]\nserver_ca = "{other_ca.folder / "ca.crt"}"\n')
     (files / "mtlsproxy.toml").write_text(text)
     assert store_for(files).current().credentials.leaf == foreign.certificate
+
+
+def test_a_poll_out_of_file_descriptors_is_not_a_failed_reload(
+    files: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A connection flood at `ulimit -n` made every poll fail to open the files: six
+    "reload failed" error lines that would page someone, for files that were fine."""
+    store = store_for(files)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held: list[int] = []
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(os.open(os.devnull, os.O_RDONLY))
+        with caplog.at_level(logging.WARNING, logger="mtlsproxy.reload"):
+            results = [store.reload("poll").result for _ in range(6)]
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert results == ["unchanged"] * 6
+    assert store.last_result.result != "failed"
+    assert [r.levelname for r in caplog.records] == ["WARNING"]  # said once, not an error
+    assert store.reload("poll").result == "unchanged"  # and back to normal

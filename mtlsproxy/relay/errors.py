@@ -7,9 +7,8 @@
     │   ├── NoRoute               404  no route for this host and path
     │   ├── RequestTimeout        408  the client was too slow sending its head or body
     │   ├── PayloadTooLarge       413  body over the route's limit
-    │   ├── HeadersTooLarge       431  head over the byte or header-count cap
+    │   ├── HeadersTooLarge       431  head over the byte cap
     │   ├── BadGateway            502  the backend answered with something we will not relay
-    │   ├── ServiceUnavailable    503  no backend to try
     │   └── GatewayTimeout        504  the backend did not answer in time
     └── RouteError                a route table that cannot be built (names the route)
 
@@ -61,10 +60,6 @@ class HeadersTooLarge(HttpError):
 
 class BadGateway(HttpError):
     status = 502
-
-
-class ServiceUnavailable(HttpError):
-    status = 503
 
 
 class GatewayTimeout(HttpError):

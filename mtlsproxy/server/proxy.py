@@ -34,6 +34,7 @@ from mtlsproxy.server.upstream import Target, UpstreamPool
 from mtlsproxy.server.workers import ask_supervisor_to_reload
 from mtlsproxy.sessions import Enforcer, SessionRegistry
 from mtlsproxy.tls.backend import all_backend_files, backend_files
+from mtlsproxy.tls.credentials import trust_warnings
 from mtlsproxy.tls.store import CredentialStore, ReloadResult
 from mtlsproxy.units import format_duration
 
@@ -60,6 +61,8 @@ class Proxy:
         self.metrics = Metrics()
         self.sessions = SessionRegistry()
         self.store = CredentialStore(config.tls, backends=all_backend_files(config))
+        for trouble in trust_warnings(self.store.current().credentials, config.tls.client_ca):
+            log.warning("%s", trouble)
         self.access = AccessLog(config.log.access, on_drop=self.metrics.access_log_dropped.inc)
         self.shared = Shared(
             store=self.store,
@@ -70,7 +73,7 @@ class Proxy:
             access=self.access,
         )
         self.listeners = [
-            _runtime(i, listener, config, config_path)
+            listener_runtime(i, listener, config, config_path)
             for i, listener in enumerate(config.listeners)
         ]
         self._shutdown = trio.Event()
@@ -285,7 +288,11 @@ class Proxy:
                 self.shutdown()
 
 
-def _runtime(index: int, listener: Listener, config: Config, config_path: str) -> ListenerRuntime:
+def listener_runtime(
+    index: int, listener: Listener, config: Config, config_path: str
+) -> ListenerRuntime:
+    """Everything a listener serves with, built and checked from the config (the route
+    table refuses duplicates and bad hosts/prefixes): ``check`` builds it too."""
     routes: RouteTable[RouteRuntime] | None = None
     if listener.mode == "http":
         entries = []

@@ -156,6 +156,28 @@ def _check_reaches_anchor(
     )
 
 
+def trust_warnings(creds: Credentials, client_ca: Path) -> list[str]:
+    """What is legal but almost surely wrong about the trust bundle, in words."""
+    if any(_is_root(ca) for ca in creds.client_cas):
+        return []
+    names = "; ".join(ca.subject.rfc4514_string() for ca in creds.client_cas)
+    return [
+        f"{client_ca} holds no root CA, only intermediates ({names}): OpenSSL verifies a "
+        "client's chain up to a self-signed root, so every client will be refused. Put the "
+        "root in the bundle (`ca init` writes it to ca.crt)."
+    ]
+
+
+def _is_root(cert: x509.Certificate) -> bool:
+    if cert.subject != cert.issuer:
+        return False
+    try:
+        cert.verify_directly_issued_by(cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
 def _check_bundle(cas: list[x509.Certificate], source: Path, now: datetime) -> None:
     for n, ca in enumerate(cas, start=1):
         try:

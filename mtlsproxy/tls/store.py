@@ -47,6 +47,7 @@ no verified chain for a resumed session).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import time
@@ -77,6 +78,8 @@ log = logging.getLogger("mtlsproxy.reload")
 
 _ANCHORS_KEPT = 100_000
 _SHA256 = hashes.SHA256()
+# Reading a file failed because the process or system is out of something for a moment.
+_OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,7 @@ def build_material(
             key=creds.key,
             client_cas=list(creds.client_cas),
             min_version=tls.min_version,
+            groups=tls.groups,
             alpn=alpn,
             session_id_context=sid,
         )
@@ -143,7 +147,7 @@ def build_material(
         raw_context=context(None),
         root_fingerprints=frozenset(fingerprint(ca) for ca in creds.client_cas),
         backends={
-            files: (backend, build_backend_context(backend, tls.min_version))
+            files: (backend, build_backend_context(backend, tls.min_version, tls.groups))
             for files, backend in (backends or {}).items()
         },
         pending=pending,
@@ -180,6 +184,7 @@ class CredentialStore:
         self._material = build_material(first.credentials, tls, 1, first.backends)
         self.last_result = ReloadResult(datetime.now(UTC), "start", "swapped", 1)
         self._last_failed: str | None = None  # what the last failure was about
+        self._starved = False  # a poll found the process out of file descriptors
         self._anchors: OrderedDict[str, str] = OrderedDict()
         self._on_swap: list[Callable[[Material], None]] = []
         self._on_result: list[Callable[[ReloadResult], None]] = []
@@ -222,7 +227,10 @@ class CredentialStore:
         try:
             blobs = read_files(self._paths)
         except CredentialError as exc:  # a file is missing or unreadable
+            if source == "poll" and _out_of_resources(exc):
+                return self._skipped(exc)
             return self._failed(source, exc, fingerprint_of_failure=str(exc))
+        self._starved = False
         digest = digest_of(self._paths, blobs)
         if digest == self._seen:
             self._last_failed = None
@@ -292,6 +300,15 @@ class CredentialStore:
             callback(material)
         return self._record(ReloadResult(_now(), source, "swapped", material.generation))
 
+    def _skipped(self, exc: CredentialError) -> ReloadResult:
+        """The process is out of descriptors (a connection flood at ``ulimit -n``): the
+        files are not broken and nothing failed, so this poll is skipped, not counted as
+        a failed reload, and said once as a warning, not once a poll as an error."""
+        if not self._starved:
+            log.warning("credential poll skipped until descriptors are free again: %s", exc)
+        self._starved = True
+        return self._record(ReloadResult(_now(), "poll", "unchanged", self.generation))
+
     @property
     def generation(self) -> int:
         return self._material.generation
@@ -327,6 +344,11 @@ class CredentialStore:
 
     def anchor_of(self, leaf_sha256: str) -> str | None:
         return self._anchors.get(leaf_sha256)
+
+
+def _out_of_resources(exc: CredentialError) -> bool:
+    cause = exc.__cause__
+    return isinstance(cause, OSError) and cause.errno in _OUT_OF_RESOURCES
 
 
 def _removals(settled: Credentials, new: Credentials) -> Pending:
