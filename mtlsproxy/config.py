@@ -23,6 +23,7 @@ from msgspec import Meta
 
 from mtlsproxy.address import Address, parse_address
 from mtlsproxy.errors import ConfigError
+from mtlsproxy.tls.context import DEFAULT_GROUPS, check_groups
 from mtlsproxy.units import parse_duration, parse_size
 
 
@@ -178,6 +179,9 @@ class TLS(Struct, frozen=True):
     # ``cert`` holds a whole chain up to it. Unset: client_ca (one private PKI).
     server_ca: Path | None = None
     min_version: Literal["1.2", "1.3"] = "1.2"
+    # Key exchange groups, most preferred first; default Mozilla's intermediate profile.
+    # Each must be a group the OpenSSL in use knows: a typo fails here, not in handshakes.
+    groups: Annotated[tuple[str, ...], Meta(min_length=1)] = DEFAULT_GROUPS
     handshake_timeout: Duration = Duration("10s")
     reload_interval: Duration = Duration("2s")
     # How often live sessions are checked for expiry, the deny list and a removed CA
@@ -190,6 +194,9 @@ class TLS(Struct, frozen=True):
     # warning (and flagged in metrics). Unset: a quarter of each certificate's lifetime,
     # at most 30 days (6 hours for a 24-hour certificate renewed at two thirds).
     expiry_warning: Duration | None = None
+
+    def __post_init__(self) -> None:
+        check_groups(self.groups)  # ValueError: "groups[1] = 'x' is not a key exchange..."
 
 
 class Admin(Struct, frozen=True):

@@ -5,7 +5,7 @@ the leaf over; this module only reads it. Everything above (policy, deny list, X
 logs, metrics, the session registry) reads the Identity, never the certificate, so the
 one place that decodes X.509 fields is here and it is pure: no I/O, no clock.
 
-Two choices fail closed on purpose:
+Three choices fail closed on purpose:
 
 - ``spiffe_id`` is set only when the certificate is an X.509-SVID in the SPIFFE sense,
   i.e. it carries exactly one URI SAN and that URI is ``spiffe://<trust domain>/...``.
@@ -15,6 +15,15 @@ Two choices fail closed on purpose:
 - DNS and URI SANs are IA5String, and a value with a control character, white space or
   a non-ASCII byte is not a host name or a URI. Such a value would end up in a header
   (XFCC) or a log line, so the certificate is refused rather than the value cleaned.
+- A CA certificate (basicConstraints CA:TRUE, or the legacy keyCertSign without
+  basicConstraints that OpenSSL also lets sign) is no client identity, even one issued by
+  our own issuing CA with clientAuth in its EKU: OpenSSL's ``sslclient`` purpose check
+  admits it as a leaf, and its holder could sign further "clients" wherever a CA without
+  a path length sits above it. It is refused with its own reason, ``ca_cert``. It is
+  checked here, where an admitted leaf is read once (identities are cached by
+  fingerprint), rather than in a per-certificate verify callback on every handshake; the
+  listener, the mTLS admin listener and the renewal service all build their Identity
+  through this one function.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from __future__ import annotations
 import re
 from collections import OrderedDict
 from datetime import datetime
+from typing import Literal
 
 import msgspec
 from cryptography import x509
@@ -39,10 +49,19 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _SAN_TEXT = re.compile(r"[\x21-\x7e]+")
 
 
+# Why a verified certificate is no identity, as logs and the refusal metric say it.
+IdentityRefusal = Literal["bad_cert", "ca_cert"]
+
+
 class IdentityError(MtlsProxyError):
-    """A verified certificate whose fields cannot be used as an identity."""
+    """A verified certificate whose fields cannot be used as an identity; ``reason`` is
+    the refusal category (``ca_cert`` for a CA certificate, else ``bad_cert``)."""
 
     status = 403
+
+    def __init__(self, message: str, *, reason: IdentityRefusal = "bad_cert") -> None:
+        self.reason: IdentityRefusal = reason
+        super().__init__(message)
 
 
 class Identity(msgspec.Struct, frozen=True, kw_only=True):
@@ -82,10 +101,18 @@ class Identity(msgspec.Struct, frozen=True, kw_only=True):
             ous = _all_text(subject, NameOID.ORGANIZATIONAL_UNIT_NAME)
             subject_text = rfc4514(subject)
             issuer_text = rfc4514(issuer)
+            ca_marking = _ca_marking(cert)
         except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
             # cryptography decodes extensions lazily, so a malformed SAN surfaces here,
             # after the handshake accepted the chain.
             raise IdentityError(f"client certificate cannot be read: {exc}") from exc
+        sha256 = cert.fingerprint(hashes.SHA256()).hex()
+        if ca_marking is not None:
+            raise IdentityError(
+                f"client certificate {subject_text} (sha256:{sha256}) is a CA certificate "
+                f"({ca_marking}): a CA is not a client identity",
+                reason="ca_cert",
+            )
         for kind, values in (("DNS", dns), ("URI", uris)):
             for value in values:
                 if not _SAN_TEXT.fullmatch(value):
@@ -100,7 +127,7 @@ class Identity(msgspec.Struct, frozen=True, kw_only=True):
             uris=uris,
             spiffe_id=_spiffe_id(uris),
             serial=format(cert.serial_number, "x"),
-            sha256=cert.fingerprint(hashes.SHA256()).hex(),
+            sha256=sha256,
             not_before=cert.not_valid_before_utc,
             not_after=cert.not_valid_after_utc,
         )
@@ -117,6 +144,24 @@ class Identity(msgspec.Struct, frozen=True, kw_only=True):
 def rfc4514(name: x509.Name) -> str:
     """``name.rfc4514_string()`` with control characters hex-escaped (see ``_CONTROL``)."""
     return _CONTROL.sub(lambda m: f"\\{ord(m.group()):02X}", name.rfc4514_string())
+
+
+def _ca_marking(cert: x509.Certificate) -> str | None:
+    """What makes ``cert`` a CA in OpenSSL's eyes (``X509_check_ca``, which decides what
+    may sign in a chain), or None: basicConstraints CA:TRUE, or, with no basicConstraints
+    at all, a keyUsage that allows keyCertSign (OpenSSL tolerates that legacy form)."""
+    extensions = cert.extensions
+    try:
+        constraints = extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        constraints = None
+    if constraints is not None:
+        return "basicConstraints CA:TRUE" if constraints.ca else None
+    try:
+        usage = extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return None
+    return "keyCertSign without basicConstraints" if usage.key_cert_sign else None
 
 
 def _subject_alt_names(cert: x509.Certificate) -> x509.SubjectAlternativeName:

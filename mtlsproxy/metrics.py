@@ -23,8 +23,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, mult
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+# ``ca_cert``: a CA certificate presented as a client's; ``bad_signature``: a valid chain
+# whose key the client does not hold (its CertificateVerify failed): an impersonation
+# attempt, kept apart from ``protocol_error`` (scanners, old clients).
 HANDSHAKE_RESULTS = (
-    "ok", "no_cert", "unknown_ca", "expired", "bad_cert", "denied", "timeout", "protocol_error",
+    "ok", "no_cert", "unknown_ca", "expired", "bad_cert", "ca_cert", "bad_signature", "denied",
+    "timeout", "protocol_error",
 )  # fmt: skip
 
 

@@ -125,8 +125,10 @@ async def _handshake_and_serve(
         try:
             identity = _identity(tls, shared)
         except IdentityError as exc:
-            metrics.refused(label, "bad_cert")
-            log.info("listener %s: refused %s: bad_cert (%s)", label, peer, exc)
+            # A verified chain, but no identity: a CA certificate (``ca_cert``) or fields
+            # we will not pass on (``bad_cert``). The message names the certificate.
+            metrics.refused(label, exc.reason)
+            log.info("listener %s: refused %s: %s (%s)", label, peer, exc.reason, exc)
             return
         # Against the material current *now*, not at accept: a reload during the
         # handshake (a new deny list, a CA gone) must already apply to this connection.

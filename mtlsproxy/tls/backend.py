@@ -12,6 +12,7 @@ connections that were made with older material.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,7 +23,7 @@ from OpenSSL import SSL
 from mtlsproxy import pem
 from mtlsproxy.config import Config, Route
 from mtlsproxy.errors import CredentialError
-from mtlsproxy.tls.context import build_client_context
+from mtlsproxy.tls.context import DEFAULT_GROUPS, build_client_context
 
 
 @dataclass(frozen=True)
@@ -83,10 +84,13 @@ def load_backend_credentials(
     return BackendCredentials(files, tuple(chain), key, tuple(cas))
 
 
-def build_backend_context(creds: BackendCredentials, min_version: str) -> SSL.Context:
+def build_backend_context(
+    creds: BackendCredentials, min_version: str, groups: Sequence[str] = DEFAULT_GROUPS
+) -> SSL.Context:
     return build_client_context(
         server_cas=list(creds.server_cas),
         cert_chain=list(creds.cert_chain),
         key=creds.key,
         min_version=min_version,
+        groups=groups,
     )

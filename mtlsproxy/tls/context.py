@@ -19,7 +19,15 @@ Verification is OpenSSL's own, with no Python callback per certificate (measured
 costs on every handshake). When it fails, OpenSSL keeps the first X509_V_ERR code on the
 connection (``verify_result``); ``classify_failure`` turns that (or, without one,
 OpenSSL's error queue) into the reason category the engine reports: *why* a handshake
-failed.
+failed. Two of them name attacks rather than mistakes: ``bad_signature`` (a valid chain,
+but the CertificateVerify does not verify with its key: the peer does not hold it, e.g.
+a copied certificate) and ``unknown_ca`` also for chains whose names lead to our CA but
+whose signatures do not verify (a rogue CA copying our subject names).
+
+Key exchange groups: Mozilla's intermediate profile by default (``DEFAULT_GROUPS``),
+set through ``SSL_CTX_set1_curves_list`` (pyOpenSSL has no setter; in OpenSSL 3+ it is
+the same function as ``set1_groups_list``, for every group kind). A client that offers
+only other groups (secp521r1, X448, finite-field DH) gets a handshake failure.
 
 Session resumption and context rotation: every ``SSL_CTX`` has its own in-memory session
 cache and draws its own random TLS session ticket keys when it is created. A session
@@ -39,6 +47,7 @@ two tickets after a full handshake, one after a resumption.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -49,11 +58,13 @@ from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 
 __all__ = [
+    "DEFAULT_GROUPS",
     "TLS12_CIPHERS",
     "HandshakeFailure",
     "NoApplicationProtocol",
     "build_client_context",
     "build_server_context",
+    "check_groups",
     "classify_failure",
     "expect_host",
     "verify_result",
@@ -74,6 +85,23 @@ TLS12_CIPHERS = ":".join(
 
 _VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
 
+# Mozilla's "intermediate" profile (ssl-config.mozilla.org): the hybrid post-quantum
+# X25519MLKEM768 first (a recorded session stays secret if X25519 ever falls), then
+# X25519, P-256 and P-384. Not secp521r1, X448 or finite-field DH: slower,
+# rarely needed, and each one more code path a client can choose. ``tls.groups`` in the
+# config replaces the list.
+DEFAULT_GROUPS: tuple[str, ...] = ("X25519MLKEM768", "X25519", "prime256v1", "secp384r1")
+
+# One plain group name per entry. OpenSSL's list syntax (``:`` separators, ``/`` tuples,
+# ``?`` to ignore unknown names, ``*`` key shares) stays ours: a ``?`` would let a typo
+# pass silently, which is what validating the list is for.
+_GROUP_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+# How many of the first groups a client sends a key share for (OpenSSL 3.5+'s ``*``):
+# two, as OpenSSL's own default does, so that with the default list a backend that
+# lacks ML-KEM picks X25519 without a HelloRetryRequest round trip.
+_CLIENT_KEY_SHARES = 2
+
 # SSL_MODE_NO_AUTO_CHAIN (openssl/ssl.h). Not exported by the bindings. Without it, a
 # context given only a leaf builds the chain to send from its *verify* store — which here
 # is the client CA bundle, root included. We send exactly what the caller gave us.
@@ -85,7 +113,7 @@ _OPTIONS = SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION | SSL.OP_CIPHER_SERVE
 
 
 HandshakeFailure = Literal[
-    "no_cert", "unknown_ca", "expired", "bad_cert", "timeout", "protocol_error"
+    "no_cert", "unknown_ca", "expired", "bad_cert", "bad_signature", "timeout", "protocol_error"
 ]
 
 
@@ -105,9 +133,20 @@ def verify_result(conn: SSL.Connection) -> int:
 
 
 # X509_V_ERR_* codes (openssl/x509_vfy.h) grouped by what the operator has to do;
-# every other verification error is "bad_cert" (wrong purpose, bad signature, name...).
+# every other verification error is "bad_cert" (wrong purpose, name, path length...).
+#
+# 4, 6 and 7 are "not our CA" too. OpenSSL finds a certificate's issuer by *name* (and
+# by AKID when the certificate has one), so a chain whose names copy ours and whose AKIDs
+# are left out leads to our CA, and the signature check against our CA's key is where it
+# fails: 7 (CERT_SIGNATURE_FAILURE), or 6/4 when the key or signature named cannot even
+# be decoded. Our own CAs' keys decode and their signatures verify (a certificate cannot
+# be corrupted in transit: TLS protects the bytes), so these codes mean "signed by
+# someone else under our names", which for the operator is a certificate from another CA.
 _VERIFY_CATEGORY: dict[int, HandshakeFailure] = {
     2: "unknown_ca",  # UNABLE_TO_GET_ISSUER_CERT
+    4: "unknown_ca",  # UNABLE_TO_DECRYPT_CERT_SIGNATURE (legacy RSA; kept for older OpenSSL)
+    6: "unknown_ca",  # UNABLE_TO_DECODE_ISSUER_PUBLIC_KEY
+    7: "unknown_ca",  # CERT_SIGNATURE_FAILURE
     18: "unknown_ca",  # DEPTH_ZERO_SELF_SIGNED_CERT
     19: "unknown_ca",  # SELF_SIGNED_CERT_IN_CHAIN
     20: "unknown_ca",  # UNABLE_TO_GET_ISSUER_CERT_LOCALLY
@@ -136,10 +175,56 @@ def classify_failure(exc: BaseException, verify_code: int) -> tuple[HandshakeFai
         reasons = [str(item[-1]) for item in exc.args[0] if isinstance(item, tuple)]
     if "peer did not return a certificate" in reasons:
         return "no_cert", "the client sent no certificate"
+    if "bad signature" in reasons:
+        # SSL_R_BAD_SIGNATURE: the chain verified (else verify_code would be set), but
+        # the handshake signature (CertificateVerify; a server's key exchange on the
+        # client side) does not verify with the certificate's key.
+        return "bad_signature", (
+            "the peer's handshake signature does not verify with the key of the certificate "
+            "it sent: it does not hold that key (OpenSSL: " + "; ".join(reasons) + ")"
+        )
     return "protocol_error", "; ".join(reasons) or repr(exc)
 
 
-def _base_context(min_version: str, mode: int) -> SSL.Context:
+def check_groups(groups: Sequence[str]) -> None:
+    """Raise ValueError naming the first entry that is not one key exchange group the
+    OpenSSL in use knows (``groups[1] = 'nope' ...``)."""
+    if not groups:
+        raise ValueError("groups needs at least one key exchange group")
+    probe = SSL.Context(SSL.TLS_METHOD)
+    for i, name in enumerate(groups):
+        if not _GROUP_NAME.fullmatch(name) or not _set_groups(probe, name):
+            raise ValueError(
+                f"groups[{i}] = {name!r} is not a key exchange group this OpenSSL knows "
+                f"(one name per entry; the default is {', '.join(DEFAULT_GROUPS)})"
+            )
+    if not _set_groups(probe, ":".join(groups)):  # each name is fine; the list is not
+        raise ValueError(f"groups: OpenSSL refuses the list {list(groups)!r} as a whole")
+
+
+def _set_groups(ctx: SSL.Context, spec: str) -> bool:
+    # pyOpenSSL keeps the SSL_CTX* in the private ``_context``; the setter is in the
+    # bindings it ships on but has no pyOpenSSL wrapper.
+    if _lib.SSL_CTX_set1_curves_list(ctx._context, spec.encode("ascii")) == 1:
+        return True
+    _lib.ERR_clear_error()  # a stale error would be reported by the next pyOpenSSL call
+    return False
+
+
+def _use_groups(ctx: SSL.Context, groups: Sequence[str], *, client: bool) -> None:
+    check_groups(groups)
+    if client:
+        shares = [f"*{n}" if i < _CLIENT_KEY_SHARES else n for i, n in enumerate(groups)]
+        if _set_groups(ctx, ":".join(shares)):
+            return
+        # An OpenSSL before 3.5 has no "*": it sends a key share for the first group only.
+    if not _set_groups(ctx, ":".join(groups)):  # check_groups() took this very list
+        raise AssertionError(f"OpenSSL refused the group list {list(groups)!r}")
+
+
+def _base_context(
+    min_version: str, mode: int, groups: Sequence[str], *, client: bool
+) -> SSL.Context:
     try:
         version = _VERSIONS[min_version]
     except KeyError:
@@ -149,6 +234,7 @@ def _base_context(min_version: str, mode: int) -> SSL.Context:
     ctx.set_options(_OPTIONS)
     ctx.set_mode(_SSL_MODE_NO_AUTO_CHAIN)
     ctx.set_cipher_list(TLS12_CIPHERS.encode("ascii"))
+    _use_groups(ctx, groups, client=client)
     ctx.set_verify(mode)  # OpenSSL's own verification; verify_result() says why it failed
     return ctx
 
@@ -185,17 +271,21 @@ def build_server_context(
     key: PrivateKeyTypes,
     client_cas: list[x509.Certificate],
     min_version: str = "1.2",
+    groups: Sequence[str] = DEFAULT_GROUPS,
     alpn: list[bytes] | None = [b"http/1.1"],  # noqa: B006  # read only, never mutated
     session_id_context: bytes,
     session_timeout: int = 3600,
 ) -> SSL.Context:
     """A listener context: present ``cert_chain``, require a client cert from ``client_cas``.
 
-    ``alpn=None`` turns ALPN off (raw TCP listeners). ``session_timeout`` (seconds) bounds
-    how long a verified client may resume without showing its certificate again; keep it
-    well under the certificates' lifetime.
+    ``groups``: the key exchange groups, in order of preference (ValueError naming an
+    unknown one). ``alpn=None`` turns ALPN off (raw TCP listeners). ``session_timeout``
+    (seconds) bounds how long a verified client may resume without showing its
+    certificate again; keep it well under the certificates' lifetime.
     """
-    ctx = _base_context(min_version, SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
+    ctx = _base_context(
+        min_version, SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, groups, client=False
+    )
     _use_identity(ctx, cert_chain, key)
     _trust_only(ctx, client_cas)
     for ca in client_cas:
@@ -234,14 +324,16 @@ def build_client_context(
     cert_chain: list[x509.Certificate] | None = None,
     key: PrivateKeyTypes | None = None,
     min_version: str = "1.2",
+    groups: Sequence[str] = DEFAULT_GROUPS,
     alpn: list[bytes] | None = None,
 ) -> SSL.Context:
     """A context for connecting to TLS backends; verifies the server against ``server_cas``.
 
     Pass ``cert_chain`` and ``key`` to present a client certificate (backends that require
     mTLS themselves). The host name check is per connection: ``TLSStream(server_hostname=)``.
+    ``groups`` as for the server; key shares go with the first two (see above).
     """
-    ctx = _base_context(min_version, SSL.VERIFY_PEER)
+    ctx = _base_context(min_version, SSL.VERIFY_PEER, groups, client=True)
     _trust_only(ctx, server_cas)
     if cert_chain is not None or key is not None:
         if cert_chain is None or key is None:

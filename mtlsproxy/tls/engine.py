@@ -26,8 +26,10 @@ retries its own call (``_Parker``). OpenSSL may hold decrypted bytes already
 Errors are translated in one place (``_mapped``): resets, protocol errors and failed
 writes become ``trio.BrokenResourceError``; use after ``aclose`` becomes
 ``trio.ClosedResourceError``. A failed handshake raises ``HandshakeError`` whose
-``reason`` says why (``no_cert``, ``unknown_ca``, ``expired``, ``bad_cert``, ``timeout``,
-``protocol_error``); before raising, the alert OpenSSL wrote is given time to reach the
+``reason`` says why (``no_cert``, ``unknown_ca``, ``expired``, ``bad_cert``,
+``bad_signature``, ``timeout``, ``protocol_error``); for ``bad_signature`` its detail
+also names the certificate the peer presented without holding its key (*claimed*, not
+verified). Before raising, the alert OpenSSL wrote is given time to reach the
 peer: ``shutdown(SHUT_WR)`` and a short drain. A TLS 1.3 client considers its handshake
 done before it learns our verdict and may already be writing; closing at once would answer
 those bytes with RST, and the client's next write fails with EPIPE/"connection reset"
@@ -36,7 +38,14 @@ before it ever reads the "certificate required" alert waiting in its buffer.
 EOF: ``receive_some`` returns ``b""`` on close_notify *and* on a bare TCP EOF. Most
 clients (curl, browsers, HTTP/1.1 stacks) close without close_notify; truncation is caught
 one layer up where it matters (h11 knows when a body is short). ``eof_was_clean`` tells
-the two apart for logs.
+the two apart for logs. OpenSSL 3+ treats a bare EOF as a fatal error, and a fatal error
+removes the connection's session from the server's cache: every client that leaves the
+usual way would pay a full handshake next time. So before OpenSSL reads the socket,
+``_recv`` peeks at it (one byte, ``MSG_PEEK``: about 0.4 us, against the two reads per
+record OpenSSL does anyway); at a bare EOF it lets OpenSSL take the EOF as the end
+(``OP_IGNORE_UNEXPECTED_EOF``, on this connection only, so any record OpenSSL still holds
+is delivered first) and remembers that it was not clean. The close then sends our
+close_notify, and a connection marked shut down keeps its session when it is freed.
 
 Half-close: ``send_eof`` sends close_notify and keeps reading, which TLS 1.3 defines and
 OpenSSL supports in both 1.2 and 1.3 (tested). A cancelled ``send_all`` leaves an OpenSSL
@@ -47,6 +56,7 @@ write half done, which cannot be resumed with other data, so the stream becomes 
 from __future__ import annotations
 
 import hashlib
+import operator
 import socket
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -55,9 +65,11 @@ from typing import Any, TypeVar
 import trio
 from cryptography import x509
 from OpenSSL import SSL, crypto
+from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 
 from mtlsproxy.errors import MtlsProxyError
+from mtlsproxy.identity import rfc4514
 from mtlsproxy.tls.context import HandshakeFailure, classify_failure, expect_host, verify_result
 
 __all__ = ["HandshakeError", "HandshakeFailure", "TLSStream"]
@@ -66,13 +78,19 @@ T = TypeVar("T")
 
 
 class HandshakeError(MtlsProxyError):
-    """The TLS handshake failed; ``reason`` is the category for logs and metrics."""
+    """The TLS handshake failed; ``reason`` is the category for logs and metrics.
+
+    ``claimed``: for ``bad_signature``, ``sha256:<hex>`` of the certificate the peer
+    presented without proving it holds its key (also named in ``detail``). Unverified by
+    definition: the certificate may be anyone's, copied.
+    """
 
     status = 400
 
-    def __init__(self, reason: HandshakeFailure, detail: str) -> None:
+    def __init__(self, reason: HandshakeFailure, detail: str, claimed: str | None = None) -> None:
         self.reason: HandshakeFailure = reason
         self.detail = detail
+        self.claimed = claimed
         super().__init__(f"TLS handshake failed ({reason}): {detail}")
 
 
@@ -137,6 +155,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._closed = False
         self._eof_sent = False
         self._eof_received: bool | None = None  # None: no EOF yet; else: was it clean?
+        self._bare_eof = False  # _recv saw the socket at EOF before OpenSSL read it
 
     # ---- the one loop --------------------------------------------------------------
 
@@ -207,8 +226,11 @@ class TLSStream(trio.abc.HalfCloseableStream):
         except (SSL.Error, OSError) as exc:
             self._broken = True
             reason, detail = classify_failure(exc, verify_result(self._conn))
+            claimed = None
+            if reason == "bad_signature":
+                claimed, detail = self._claimed_identity(detail)
             await self._close_after_alert()
-            raise HandshakeError(reason, detail) from exc
+            raise HandshakeError(reason, detail, claimed) from exc
         except BaseException:
             # Cancelled from outside, or aclose() from another task: no alert to deliver.
             self._broken = True
@@ -221,6 +243,20 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._handshake_done = True
         # Every connection needs it (identity, logs), so decode it once, here.
         self._peer_x509 = self._conn.get_peer_certificate()
+
+    def _claimed_identity(self, detail: str) -> tuple[str | None, str]:
+        # The chain verified, so OpenSSL kept the leaf on the session; the key's proof
+        # failed, so it is only who the peer *claims* to be. Named for the operator (whose
+        # certificate is being replayed?), never trusted: it is not an Identity.
+        presented = self._conn.get_peer_certificate()
+        if presented is None:
+            return None, detail
+        cert = presented.to_cryptography()
+        claimed = f"sha256:{_sha256_hex(presented)}"
+        return claimed, (
+            f"{detail}; claimed identity, not verified (no proof of the key): "
+            f"subject {rfc4514(cert.subject)}, {claimed}"
+        )
 
     async def _close_after_alert(self) -> None:
         # Socket mode: OpenSSL has already written the alert into the kernel's send buffer.
@@ -286,6 +322,13 @@ class TLSStream(trio.abc.HalfCloseableStream):
         return self._conn.get_cipher_name()
 
     @property
+    def group(self) -> str | None:
+        """The key exchange group of this connection, as OpenSSL names it
+        (``X25519MLKEM768``, ``x25519``, ``secp256r1``...)."""
+        name = _lib.SSL_get0_group_name(self._conn._ssl)  # not in pyOpenSSL; see _ssl below
+        return None if name == _ffi.NULL else _ffi.string(name).decode("ascii")
+
+    @property
     def session_reused(self) -> bool:
         # Not exposed by pyOpenSSL; the bindings have it, on the SSL* kept in ``_ssl``.
         return bool(_lib.SSL_session_reused(self._conn._ssl))
@@ -336,7 +379,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if max_bytes is None:
             max_bytes = _DEFAULT_RECEIVE
-        elif max_bytes < 1:
+        # TypeError for 1.5 now: _recv may wait for the socket before OpenSSL sees it.
+        elif operator.index(max_bytes) < 1:
             raise ValueError("max_bytes must be >= 1")
         with self._claim("receiving"):
             self._check_usable()
@@ -345,9 +389,9 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 return b""
             with self._mapped():
                 try:
-                    return await self._io(self._conn.recv, max_bytes)
+                    return await self._io(self._recv, max_bytes)
                 except SSL.ZeroReturnError:
-                    self._eof_received = True
+                    self._eof_received = not self._bare_eof
                 except SSL.SysCallError as exc:
                     # pyOpenSSL reports "EOF without close_notify" as (-1, 'Unexpected EOF')
                     # on every OpenSSL version; a real errno (ECONNRESET...) is a failure.
@@ -355,6 +399,28 @@ class TLSStream(trio.abc.HalfCloseableStream):
                         raise
                     self._eof_received = False
                 return b""
+
+    def _recv(self, max_bytes: int) -> bytes:
+        """``Connection.recv``, but a bare EOF at a record boundary is no fatal error (the
+        module docstring says why)."""
+        if not self._bare_eof and not self._conn.pending():
+            try:
+                at_eof = not self._sock.recv(1, socket.MSG_PEEK)
+            except BlockingIOError:
+                raise SSL.WantReadError from None  # nothing yet: _io waits, as for OpenSSL's
+            if at_eof:
+                self._bare_eof = True
+                _lib.SSL_set_options(self._conn._ssl, SSL.OP_IGNORE_UNEXPECTED_EOF)
+        if not self._bare_eof:
+            return self._conn.recv(max_bytes)
+        shut = self._conn.get_shutdown()
+        try:
+            return self._conn.recv(max_bytes)  # records OpenSSL holds, then ZeroReturnError
+        except SSL.ZeroReturnError:
+            # OpenSSL *sets* the state to "received" at the EOF, forgetting a close_notify
+            # we sent (send_eof); without "sent", freeing the connection drops its session.
+            self._conn.set_shutdown(shut | SSL.RECEIVED_SHUTDOWN)
+            raise
 
     async def send_eof(self) -> None:
         with self._claim("sending"):
