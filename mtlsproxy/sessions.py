@@ -36,7 +36,7 @@ log = logging.getLogger("mtlsproxy.enforce")
 _ids = itertools.count(1)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)  # one per live connection: no per-instance dict
 class Session:
     listener: str
     peer: str

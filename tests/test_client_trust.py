@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import pytest
@@ -39,30 +39,20 @@ TIMEOUT = 10.0
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-class TLSServer:
-    """A one-connection-at-a-time HTTPS server in a thread; counts what it got through.
+class ThreadServer:
+    """A server on 127.0.0.1 in a thread, one connection at a time; ``handle`` serves one."""
 
-    ``client_ca``: ask for a client certificate and require it to chain to that bundle,
-    so a success also proves the helper presented its certificate.
-    """
+    scheme = "http"
 
-    def __init__(self, pair: Pair, body: bytes, client_ca: Path | None = None) -> None:
-        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.ctx.load_cert_chain(pair.crt, pair.key)
-        if client_ca is not None:
-            self.ctx.verify_mode = ssl.CERT_REQUIRED
-            self.ctx.load_verify_locations(cafile=str(client_ca))
-        self.body = body
-        self.handshakes = 0
-        self.served = 0
+    def __init__(self) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.listener.settimeout(0.1)  # how often the loop looks at _stop
         self.port: int = self.listener.getsockname()[1]
-        self.url = f"https://127.0.0.1:{self.port}"
+        self.url = f"{self.scheme}://127.0.0.1:{self.port}"
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> TLSServer:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -75,18 +65,44 @@ class TLSServer:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                raw, _ = self.listener.accept()
+                conn, _ = self.listener.accept()
             except TimeoutError:
                 continue
-            raw.settimeout(TIMEOUT)  # the handshake and every read
-            try:
-                with self.ctx.wrap_socket(raw, server_side=True) as tls:
-                    self.handshakes += 1
-                    self._answer(tls)
-            except OSError:
-                pass  # a client that refused us, or that we refused: what these tests expect
-            finally:
-                raw.close()
+            with conn:
+                self.handle(conn)
+
+    def handle(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+
+class TLSServer(ThreadServer):
+    """An HTTPS server that counts what it got through.
+
+    ``client_ca``: ask for a client certificate and require it to chain to that bundle,
+    so a success also proves the helper presented its certificate.
+    """
+
+    scheme = "https"
+
+    def __init__(self, pair: Pair, body: bytes, client_ca: Path | None = None) -> None:
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(pair.crt, pair.key)
+        if client_ca is not None:
+            self.ctx.verify_mode = ssl.CERT_REQUIRED
+            self.ctx.load_verify_locations(cafile=str(client_ca))
+        self.body = body
+        self.handshakes = 0
+        self.served = 0
+        super().__init__()
+
+    def handle(self, conn: socket.socket) -> None:
+        conn.settimeout(TIMEOUT)  # the handshake and every read
+        try:
+            with self.ctx.wrap_socket(conn, server_side=True) as tls:
+                self.handshakes += 1
+                self._answer(tls)
+        except OSError:
+            pass  # a client that refused us, or that we refused: what these tests expect
 
     def _answer(self, tls: ssl.SSLSocket) -> None:
         data = b""
@@ -110,35 +126,16 @@ class TLSServer:
         )
 
 
-class ConnectProxy:
-    """An HTTP CONNECT proxy in a thread, one tunnel at a time; records the CONNECT targets."""
+class ConnectProxy(ThreadServer):
+    """An HTTP CONNECT proxy, one tunnel at a time; records the CONNECT targets."""
 
     def __init__(self) -> None:
         self.targets: list[str] = []
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(0.1)
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__()
 
-    def __enter__(self) -> ConnectProxy:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=TIMEOUT)
-        self.listener.close()
-        assert not self._thread.is_alive()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            with conn, contextlib.suppress(OSError, ValueError):
-                self._tunnel(conn)
+    def handle(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._tunnel(conn)
 
     def _tunnel(self, conn: socket.socket) -> None:
         conn.settimeout(TIMEOUT)

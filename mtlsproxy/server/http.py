@@ -147,6 +147,12 @@ class _Exchange:
 
 
 class HttpConnection:
+    # One per client connection, alive as long as it is: no per-instance dict.
+    __slots__ = (
+        "_connected", "_first_event", "access", "clean_end", "client_ip", "identity",
+        "listener", "metrics", "pool", "routes", "session", "store", "stream",
+    )  # fmt: skip
+
     def __init__(
         self,
         stream: TLSStream,
@@ -204,24 +210,34 @@ class HttpConnection:
         """One request head. The first one of a connection has one clock, from the end of
         the handshake: ``header_timeout`` for the whole head, its first byte included.
         Later ones wait up to ``idle_timeout`` for a first byte, then ``header_timeout``."""
-        reader = HeadReader(max_bytes=self.listener.max_header_size)
-        if leftover and (head := reader.feed(leftover)) is not None:
-            return head
+        # The reader is made when there are bytes for it: not while a connection idles.
+        reader: HeadReader | None = None
+        if leftover:
+            reader = HeadReader(max_bytes=self.listener.max_header_size)
+            if (head := reader.feed(leftover)) is not None:
+                return head
         header_timeout = self.listener.header_timeout.seconds
         deadline = self._connected + header_timeout if first else None
-        if not reader.buffered:  # nothing, or only the CRLFs some clients send after a body
+        if reader is None or not reader.buffered:  # nothing, or the CRLFs after a body
             idle = self.listener.idle_timeout.seconds
             idle_deadline = deadline if deadline is not None else trio.current_time() + idle
             with trio.CancelScope(deadline=idle_deadline) as scope:
                 self.session.idle_scope = scope
                 if self.session.closing is not None and not first:
                     scope.cancel()
-                data = await self._receive_or_eof()
+                # Not through _receive_or_eof: one coroutine frame less per idle wait.
+                try:
+                    data = bytes(await self.stream.receive_some(RECEIVE_SIZE))
+                except _STREAM_ERRORS as exc:
+                    log.debug("client %s: connection ended: %s", self.session.peer, exc)
+                    data = b""
             self.session.idle_scope = None
             if scope.cancelled_caught or not data:
                 return None
+            reader = reader or HeadReader(max_bytes=self.listener.max_header_size)
             if (head := reader.feed(data)) is not None:
                 return head
+        assert reader is not None
         if deadline is None:
             deadline = trio.current_time() + header_timeout
         with trio.CancelScope(deadline=deadline):

@@ -63,10 +63,11 @@ class ListenerRuntime:
     routes: RouteTable[RouteRuntime] | None  # mode = "http"
     tcp: TcpRoute | None  # mode = "tcp"
     limit: trio.Semaphore
+    # Made once: every session refers to this string, not a copy of its own.
+    label: str = field(init=False)
 
-    @property
-    def label(self) -> str:
-        return self.config.label
+    def __post_init__(self) -> None:
+        self.label = self.config.label
 
 
 async def accept_loop(
@@ -97,20 +98,54 @@ async def _connection(runtime: ListenerRuntime, stream: trio.SocketStream, share
     label = runtime.label
     try:
         with shared.metrics.child(shared.metrics.active_connections, label).track_inprogress():
-            await _handshake_and_serve(runtime, stream, shared, peer)
+            admitted = await _admit(runtime, stream, shared, peer)
+            if admitted is not None:
+                # Served in this frame, not one more coroutine deep: an idle connection
+                # holds its whole await chain, and every frame of it is memory.
+                tls, session = admitted
+                clean = False
+                shared.sessions.add(session)
+                try:
+                    with session.cancel_scope:
+                        if runtime.tcp is not None:
+                            await relay_tcp(
+                                tls,
+                                session=session,
+                                listener=runtime.config,
+                                route=runtime.tcp,
+                                pool=shared.pool,
+                                metrics=shared.metrics,
+                                access=shared.access,
+                            )
+                        else:
+                            http = _http_connection(runtime, tls, session, shared)
+                            await http.run()
+                            clean = http.clean_end  # it ended with nothing unread
+                finally:
+                    shared.sessions.remove(session)
+                    await _close(tls, clean=clean)
     except Exception:
         log.exception("listener %s: connection from %s failed", label, peer)
     finally:
         runtime.limit.release()
 
 
-async def _handshake_and_serve(
+async def _close(tls: TLSStream, *, clean: bool) -> None:
+    if clean:  # nothing unread: a plain close (close_notify, then close) is safe
+        with trio.CancelScope(shield=True):
+            await tls.aclose()
+    else:
+        await lingering_close(tls)
+
+
+async def _admit(
     runtime: ListenerRuntime, stream: trio.SocketStream, shared: Shared, peer: str
-) -> None:
+) -> tuple[TLSStream, Session] | None:
+    """Handshake, identity and verdict: the session to serve, or None when refused (the
+    connection is closed then)."""
     label = runtime.label
     metrics = shared.metrics
     material = shared.store.current()
-    clean = False
     tls = TLSStream(stream, material.context_for(runtime.config.mode), server_side=True)
     started = trio.current_time()
     try:
@@ -118,76 +153,64 @@ async def _handshake_and_serve(
     except HandshakeError as exc:
         metrics.refused(label, exc.reason)
         log.info("listener %s: refused %s: %s (%s)", label, peer, exc.reason, exc.detail)
-        return
+        return None
     finally:
         metrics.child(metrics.handshake_seconds, label).observe(trio.current_time() - started)
     try:
-        try:
-            identity = _identity(tls, shared)
-        except IdentityError as exc:
-            # A verified chain, but no identity: a CA certificate (``ca_cert``) or fields
-            # we will not pass on (``bad_cert``). The message names the certificate.
-            metrics.refused(label, exc.reason)
-            log.info("listener %s: refused %s: %s (%s)", label, peer, exc.reason, exc)
-            return
-        # Against the material current *now*, not at accept: a reload during the
-        # handshake (a new deny list, a CA gone) must already apply to this connection.
-        material = shared.store.current()
-        anchor = _anchor(tls, identity, shared, material)
-        # "ca_removed" of a live session is, for a new connection, an unknown CA.
-        now = datetime.now(UTC)
-        found = identity_verdict(identity, anchor, material, now)
-        result = "unknown_ca" if found == "ca_removed" else found or "ok"
-        if (
-            result == "ok"
-            and runtime.tcp is not None
-            and not is_allowed(runtime.config.allow, identity)
-        ):
-            # A tcp listener has no request to answer 403 to: its allow rules act here.
-            result = "denied"
-        reused = tls.session_reused
-        metrics.child(metrics.handshakes, label, result, "true" if reused else "false").inc()
-        if result == "ok":
-            remaining = (identity.not_after - now).total_seconds()
-            metrics.child(metrics.client_cert_remaining, label).observe(remaining)
-        else:
-            log.info("listener %s: refused %s (%s): %s", label, peer, identity.name, result)
-            if runtime.config.mode != "http" or result not in ("expired", "denied"):
-                return
-            # HTTP clients get told why: the relay, which checks expiry and the deny list
-            # on every request, answers their first request 403.
-        session = Session(label, peer, identity, runtime.config.mode, anchor, resumed=reused)
-        shared.sessions.add(session)
-        try:
-            with session.cancel_scope:
-                clean = await _serve(runtime, tls, session, shared)
-        finally:
-            shared.sessions.remove(session)
-    finally:
-        if clean:  # nothing unread: a plain close (close_notify, then close) is safe
-            with trio.CancelScope(shield=True):
-                await tls.aclose()
-        else:
-            await lingering_close(tls)
+        session = _verdict(runtime, tls, shared, peer)
+    except BaseException:
+        await _close(tls, clean=False)
+        raise
+    if session is None:
+        await _close(tls, clean=False)
+    return None if session is None else (tls, session)
 
 
-async def _serve(
+def _verdict(runtime: ListenerRuntime, tls: TLSStream, shared: Shared, peer: str) -> Session | None:
+    label = runtime.label
+    metrics = shared.metrics
+    try:
+        identity = _identity(tls, shared)
+    except IdentityError as exc:
+        # A verified chain, but no identity: a CA certificate (``ca_cert``) or fields
+        # we will not pass on (``bad_cert``). The message names the certificate.
+        metrics.refused(label, exc.reason)
+        log.info("listener %s: refused %s: %s (%s)", label, peer, exc.reason, exc)
+        return None
+    # Against the material current *now*, not at accept: a reload during the
+    # handshake (a new deny list, a CA gone) must already apply to this connection.
+    material = shared.store.current()
+    anchor = _anchor(tls, identity, shared, material)
+    # "ca_removed" of a live session is, for a new connection, an unknown CA.
+    now = datetime.now(UTC)
+    found = identity_verdict(identity, anchor, material, now)
+    result = "unknown_ca" if found == "ca_removed" else found or "ok"
+    if (
+        result == "ok"
+        and runtime.tcp is not None
+        and not is_allowed(runtime.config.allow, identity)
+    ):
+        # A tcp listener has no request to answer 403 to: its allow rules act here.
+        result = "denied"
+    reused = tls.session_reused
+    metrics.child(metrics.handshakes, label, result, "true" if reused else "false").inc()
+    if result == "ok":
+        remaining = (identity.not_after - now).total_seconds()
+        metrics.child(metrics.client_cert_remaining, label).observe(remaining)
+    else:
+        log.info("listener %s: refused %s (%s): %s", label, peer, identity.name, result)
+        if runtime.config.mode != "http" or result not in ("expired", "denied"):
+            return None
+        # HTTP clients get told why: the relay, which checks expiry and the deny list
+        # on every request, answers their first request 403.
+    return Session(label, peer, identity, runtime.config.mode, anchor, resumed=reused)
+
+
+def _http_connection(
     runtime: ListenerRuntime, tls: TLSStream, session: Session, shared: Shared
-) -> bool:
-    """Hand the connection to its protocol; True when it ended with nothing unread."""
-    if runtime.tcp is not None:
-        await relay_tcp(
-            tls,
-            session=session,
-            listener=runtime.config,
-            route=runtime.tcp,
-            pool=shared.pool,
-            metrics=shared.metrics,
-            access=shared.access,
-        )
-        return False
+) -> HttpConnection:
     assert runtime.routes is not None
-    http = HttpConnection(
+    return HttpConnection(
         tls,
         session=session,
         listener=runtime.config,
@@ -198,8 +221,6 @@ async def _serve(
         access=shared.access,
         client_ip=session.peer.rsplit(":", 1)[0].strip("[]"),
     )
-    await http.run()
-    return http.clean_end
 
 
 def _identity(tls: TLSStream, shared: Shared) -> Identity:
