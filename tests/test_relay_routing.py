@@ -36,7 +36,8 @@ def test_prefix_matches_on_segment_boundary() -> None:
     assert hit(t, "a", "/api?x=1") == "None|/api"
     assert hit(t, "a", "/apix") is None
     assert hit(t, "a", "/static/app.js") == "None|/static/"
-    assert hit(t, "a", "/static") is None  # a prefix ending in / is a plain string prefix
+    assert hit(t, "a", "/static") == "None|/static/"  # covers the path without its last /
+    assert hit(t, "a", "/staticx") is None
     assert hit(t, "a", "/") is None
 
 
@@ -201,3 +202,14 @@ def test_match_is_the_longest_boundary_prefix(prefixes: list[str], path: str) ->
     expected = max(candidates, key=len) if candidates else None
     route = t.match("a", path)
     assert (route.path_prefix if route else None) == expected
+
+
+def test_a_prefix_ending_in_a_slash_covers_the_bare_path() -> None:
+    """Review finding: with `/admin/` strict and `/` broad, `/admin` went to `/`, and
+    Express or koa (non-strict, their default) serve it from the `/admin/` handler."""
+    t = table((None, "/"), (None, "/admin/"))
+    assert hit(t, "a", "/admin") == "None|/admin/"
+    assert hit(t, "a", "/admin/x") == "None|/admin/"
+    assert hit(t, "a", "/adminx") == "None|/"
+    with pytest.raises(RouteError, match="same host and path_prefix"):
+        table((None, "/admin"), (None, "/admin/"))

@@ -19,6 +19,7 @@ from mtlsproxy import config, pem
 from mtlsproxy.atomicfile import write_atomic
 from mtlsproxy.errors import CredentialError
 from mtlsproxy.pki import CertificateAuthority
+from mtlsproxy.tls.backend import all_backend_files
 from mtlsproxy.tls.store import CredentialStore
 
 
@@ -304,3 +305,72 @@ def test_a_poll_out_of_file_descriptors_is_not_a_failed_reload(
     assert store.last_result.result != "failed"
     assert [r.levelname for r in caplog.records] == ["WARNING"]  # said once, not an error
     assert store.reload("poll").result == "unchanged"  # and back to normal
+
+
+@pytest.mark.parametrize("between", ["half-written", "deleted"])
+def test_a_failed_read_in_between_restarts_the_wait(files: Path, between: str) -> None:
+    """Review finding: the deny file rewritten with `>` again and again; a poll saw it
+    empty (held), the next one half-written (a failed reload), the next one empty again
+    (the next rewrite's truncation), and the empty list took effect: "stayed the same"
+    was never shown."""
+    (files / "deny.txt").write_text("cn:thief\n")
+    store, clock = clocked_store(files)
+    (files / "deny.txt").write_text("")
+    store.reload("poll")
+    clock.now += 2
+    if between == "half-written":
+        (files / "deny.txt").write_text("sha256:ab")
+    else:
+        (files / "deny.txt").unlink()
+    assert store.reload("poll").result == "failed"
+    clock.now += 2
+    (files / "deny.txt").write_text("")
+    store.reload("poll")
+    assert store.current().credentials.deny.cns == {"thief"}  # still held: the wait restarts
+    clock.now += 2
+    store.reload("poll")
+    assert store.current().credentials.deny.cns == frozenset()  # stable for a poll now
+
+
+def test_a_swap_keeps_the_backend_contexts_of_unchanged_files(files: Path, issue: IssueFn) -> None:
+    """Review finding: every swap (a deny entry added) built new backend contexts, and the
+    pool retires connections made with a replaced context: every pooled backend TLS
+    connection was reconnected for nothing."""
+    edge = issue("client", "edge")
+    text = (files / "mtlsproxy.toml").read_text()
+    tls_route = (
+        f'[[listeners.routes]]\npath_prefix = "/b"\nbackends = ["127.0.0.1:9"]\ntls = true\n'
+        f'tls_cert = "{edge.crt}"\ntls_key = "{edge.key}"\n'
+    )
+    (files / "mtlsproxy.toml").write_text(text + "\n" + tls_route)
+    cfg = config.load(files / "mtlsproxy.toml")
+    store = CredentialStore(cfg.tls, backends=all_backend_files(cfg))
+    (backend_files,) = store.current().backends
+    before = store.current().backend_context(backend_files)
+    (files / "deny.txt").write_text("cn:thief\n")
+    assert store.reload("poll").result == "swapped"
+    assert store.current().backend_context(backend_files) is before
+    renewed = issue("client", "edge")
+    replace(edge.key, renewed.key)
+    replace(edge.crt, renewed.crt)
+    assert store.reload("poll").result == "swapped"
+    assert store.current().backend_context(backend_files) is not before
+
+
+def test_removing_the_server_certificates_own_ca_is_not_blocked_but_warned(
+    files: Path,
+    ca: CertificateAuthority,
+    other_ca: CertificateAuthority,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Taking a compromised CA out must never wait for the server certificate's renewal
+    (the chain proof accepts the anchor the chain in force reached), but the operator is
+    told that clients trusting only the new bundle will refuse the server."""
+    store, clock = clocked_store(files)
+    write_atomic(files / "ca.crt", (other_ca.folder / "ca.crt").read_bytes())
+    with caplog.at_level(logging.WARNING, logger="mtlsproxy.reload"):
+        assert store.reload("poll").result == "swapped"  # held
+        clock.now += 2
+        assert store.reload("poll").result == "swapped"  # in force
+    assert store.current().credentials.client_cas == (other_ca.root,)
+    assert "which is no longer in tls.client_ca" in caplog.text

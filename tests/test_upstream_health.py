@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 import trio
 from proxy_env import read_request, route, serve_raw
@@ -74,3 +76,48 @@ async def test_idle_backend_connections_are_reaped(
     assert opened == 3
     with trio.fail_after(5):  # IDLE_SECONDS and one reaper tick, with room for a slow CI
         await all_closed.wait()
+
+
+class _SlowToClose(trio.abc.Stream):
+    """An upstream stream whose close takes until ``release`` is set."""
+
+    def __init__(self, release: trio.Event) -> None:
+        self.release = release
+
+    async def aclose(self) -> None:
+        await self.release.wait()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        raise NotImplementedError
+
+    async def wait_send_all_might_not_block(self) -> None:
+        raise NotImplementedError
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        raise NotImplementedError
+
+
+async def test_the_reaper_survives_a_backend_first_used_while_it_closes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review finding: reap() awaited inside its loop over the pool's dict, and acquire()
+    adds a key the first time a backend is used: 'dictionary changed size during
+    iteration' took the whole proxy down."""
+    monkeypatch.setattr(upstream, "IDLE_SECONDS", 0.1)
+    pool = UpstreamPool()
+    release = trio.Event()
+    with socket.socket() as sock:
+        stale = upstream.Upstream(
+            Target(Address("127.0.0.1", 1)), _SlowToClose(release), sock.fileno()
+        )
+        stale.idle_since = trio.current_time() - 1
+        pool._idle[stale.backend].append(stale)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pool.reap)
+            with trio.fail_after(5):
+                while pool._idle[stale.backend]:  # the reaper took it and is closing it
+                    await trio.sleep(0.01)
+            pool._idle[Target(Address("127.0.0.1", 2))]  # what acquire() does for a new one
+            release.set()
+            await trio.sleep(0.2)  # another reaper round: it must still be running
+            nursery.cancel_scope.cancel()

@@ -15,8 +15,10 @@ in one function used by routing and by forwarding alike:
    receives exactly the path that was routed and authorized.
 2. **Refuse what backends read differently** with 400, before any route is chosen:
    dot-segments (plain or escaped), ``%2F`` and ``%5C`` (an escaped separator), ``%25``
-   (an escaped ``%``, i.e. a second decoding), ``;`` (path parameters), backslash,
-   control characters and NUL (raw or escaped), and escapes that do not decode to UTF-8.
+   (an escaped ``%``, i.e. a second decoding), ``;`` and ``%3B`` (path parameters),
+   backslash, control characters and NUL (raw or escaped), escapes that do not decode to
+   UTF-8, paths not in Unicode NFC, and non-ASCII characters that other case or
+   compatibility forms turn into ASCII (the Kelvin sign is a ``K``).
    Refusing beats guessing: no normalization we picked could match every backend.
 
 Prefixes are then compared without regard to ASCII case (``relay.routing``): Express,
@@ -31,6 +33,7 @@ StrictHttpFirewall (which refuses ``;``, ``%2F``, ``%25`` and ``//``) draw the s
 from __future__ import annotations
 
 import re
+import unicodedata
 
 from mtlsproxy.relay.errors import BadRequest
 
@@ -41,8 +44,9 @@ _ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})")
 _BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 _SLASHES = re.compile(rb"//+")
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
-# Escapes refused outright: separators, a second decoding, NUL and control characters.
-_REFUSED_ESCAPES = {0x2F: "%2F", 0x5C: "%5C", 0x25: "%25"}
+# Escapes refused outright: separators, a second decoding, path parameters (a decoding
+# layer in front of Tomcat turns %3B into ';'), NUL and control characters.
+_REFUSED_ESCAPES = {0x2F: "%2F", 0x5C: "%5C", 0x25: "%25", 0x3B: "%3B"}
 # What the request line admits at all (framing's regex): visible ASCII, no space.
 _NOT_VISIBLE = re.compile(rb"[^\x21-\x7e]")
 
@@ -105,9 +109,20 @@ def _check_utf8(path: bytes) -> None:
         return
     decoded = _ESCAPE.sub(lambda m: bytes((int(m.group(1), 16),)), path)
     try:
-        decoded.decode("utf-8")
+        text = decoded.decode("utf-8")
     except UnicodeDecodeError:
         raise BadRequest("percent-encoded bytes in path are not UTF-8") from None
+    # Two more ways to spell a path another way: a backend that compares without case
+    # (Java's equalsIgnoreCase, a /i regex) reads "adm\u0130n" (dotted capital I) and
+    # "\u212aey" (Kelvin sign) as "admin" and "key"; one on a normalizing file system
+    # reads "cafe\u0301" as "caf\u00e9". So a non-ASCII character whose case forms or
+    # compatibility form hold ASCII is refused, and so is a path not in Unicode NFC.
+    if unicodedata.normalize("NFC", text) != text:
+        raise BadRequest("path is not in Unicode normalization form C")
+    for char in {c for c in text if c > "\x7f"}:
+        forms = char.lower() + char.upper() + char.casefold() + unicodedata.normalize("NFKC", char)
+        if any(f < "\x80" for f in forms):
+            raise BadRequest("a non-ASCII character in the path reads as ASCII in other forms")
 
 
 def _check_segments(path: bytes) -> None:

@@ -18,8 +18,9 @@ suffix wildcard behaves the same, unlike a TLS certificate wildcard), and ``None
 Path prefixes match on a segment boundary: ``/api`` matches ``/api``, ``/api/`` and
 ``/api/x`` but not ``/apix`` (Envoy's ``prefix`` would match ``/apix``; a policy
 written for ``/api`` should not cover a sibling that merely shares letters). A prefix
-ending in ``/`` is a plain string prefix, so ``/`` matches everything and ``/api/``
-does not match ``/api``.
+ending in ``/`` is a plain string prefix that also covers the path without its last
+``/``: ``/`` matches everything and ``/api/`` matches ``/api`` (some frameworks serve
+one as the other).
 
 Paths are compared in their canonical form (``relay.paths``: the one path rule, also what
 is forwarded) and without regard to ASCII case, so ``//admin``, ``/%61dmin`` and
@@ -61,7 +62,8 @@ class RouteTable(Generic[T]):
         for route in routes:
             kind, host = _host_pattern(route)
             prefix = _prefix(route)
-            key = (f"{kind}:{host}", prefix)
+            # "/a" and "/a/" cover the same paths (see _prefix_matches): one route.
+            key = (f"{kind}:{host}", prefix.rstrip("/") or "/")
             if key in seen:
                 raise RouteError(route.index, f"same host and path_prefix as route {seen[key]}")
             seen[key] = route.index
@@ -126,7 +128,9 @@ def route_path(target: str | bytes) -> str:
 
 def _prefix_matches(prefix: str, path: str) -> bool:
     if prefix.endswith("/"):
-        return path.startswith(prefix)
+        # ``/admin/`` covers ``/admin`` too: Express and koa (non-strict, their default)
+        # serve ``/admin`` from the ``/admin/`` handler, so it must not fall to ``/``.
+        return path.startswith(prefix) or path == prefix[:-1]
     return path == prefix or path.startswith(prefix + "/")
 
 

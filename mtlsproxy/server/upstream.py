@@ -196,19 +196,20 @@ class UpstreamPool:
         while True:
             await trio.sleep(IDLE_SECONDS / 4)
             now = trio.current_time()
-            for idle in self._idle.values():
-                stale = [
-                    u for u in idle if now - u.idle_since >= IDLE_SECONDS or not u.looks_alive()
-                ]
-                for up in stale:
+            stale = []
+            for idle in self._idle.values():  # no await in this loop: acquire() adds keys
+                old = [u for u in idle if now - u.idle_since >= IDLE_SECONDS or not u.looks_alive()]
+                for up in old:
                     idle.remove(up)
-                for up in stale:
-                    await discard(up)
+                stale += old
+            for up in stale:
+                await discard(up)
 
     async def aclose(self) -> None:
-        for idle in self._idle.values():
-            while idle:
-                await discard(idle.pop())
+        everything = [up for idle in self._idle.values() for up in idle]
+        self._idle.clear()
+        for up in everything:
+            await discard(up)
 
 
 async def discard(up: Upstream) -> None:

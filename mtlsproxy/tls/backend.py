@@ -24,6 +24,7 @@ from mtlsproxy import pem
 from mtlsproxy.config import Config, Route
 from mtlsproxy.errors import CredentialError
 from mtlsproxy.tls.context import DEFAULT_GROUPS, build_client_context
+from mtlsproxy.tls.credentials import digest_of
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class BackendCredentials:
     cert_chain: tuple[x509.Certificate, ...]  # the proxy's client certificate, then its chain
     key: pem.PrivateKey
     server_cas: tuple[x509.Certificate, ...]  # what backends' certificates must chain to
+    digest: str = ""  # of the three files' bytes: unchanged files keep their context
 
     @property
     def leaf(self) -> x509.Certificate:
@@ -81,7 +83,8 @@ def load_backend_credentials(
             files.cert,
             f"the certificate expired at {chain[0].not_valid_after_utc:%Y-%m-%d %H:%M:%S}Z",
         )
-    return BackendCredentials(files, tuple(chain), key, tuple(cas))
+    digest = digest_of(list(files.paths), blobs)
+    return BackendCredentials(files, tuple(chain), key, tuple(cas), digest)
 
 
 def build_backend_context(

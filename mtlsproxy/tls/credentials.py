@@ -43,6 +43,9 @@ class Credentials:
     # session id context is derived from it, so sessions never resume across material.
     digest: str
     server_anchor: x509.Certificate | None = None  # what the server chain was proved to reach
+    # False when that anchor is only the one the chain in force reached (``known_anchor``),
+    # no longer in the bundle its clients trust: worth a warning, not a refusal.
+    server_anchor_listed: bool = True
 
     @property
     def leaf(self) -> x509.Certificate:
@@ -84,7 +87,8 @@ def load_credentials(
     extra = [known_anchor] if known_anchor is not None else []
     anchor = _check_reaches_anchor(chain, anchors + extra, cert, key_name)
     deny_list = DenyList() if deny is None else _parse_deny(files[deny], deny)
-    return Credentials(tuple(chain), private_key, tuple(cas), deny_list, digest, anchor)
+    listed = anchor in anchors
+    return Credentials(tuple(chain), private_key, tuple(cas), deny_list, digest, anchor, listed)
 
 
 def read_files(paths: list[Path]) -> dict[Path, bytes]:

@@ -455,8 +455,9 @@ class TLSStream(trio.abc.HalfCloseableStream):
             self._receiving = False
 
     def _recv(self, max_bytes: int) -> bytes:
-        """``Connection.recv``, but a bare EOF at a record boundary is no fatal error (the
-        module docstring says why)."""
+        """``Connection.recv``, but a bare EOF is no fatal error (the module docstring says
+        why). ``pending()`` counts decrypted bytes only, so an EOF in the middle of a
+        record (a truncated one) is taken the same way: the stream ends, not clean."""
         if not self._bare_eof and not self._conn.pending():
             try:
                 at_eof = not self._sock.recv(1, socket.MSG_PEEK)

@@ -30,10 +30,11 @@ it writes, and a poll between the two reads an empty list: taken at once, that l
 denied client back in. A CA bundle cut short the same way would refuse (and the enforcer
 would disconnect) every client of the lost CAs. So a change that *removes* deny entries or
 CAs takes effect only once the same content has been read again at least
-``reload_interval`` later (the next poll); meanwhile the old entries stay in force next to
-the new ones (``Material.pending`` says so). Additions take effect at once: they only
-ever refuse more. A removal is logged as a warning, a deny list that drops to empty as an
-error.
+``reload_interval`` later (the next poll), with no failed read in between; meanwhile the
+old entries stay in force next to the new ones (``Material.pending`` says so). Additions
+take effect at once: they only ever refuse more. A removal is logged as a warning, a deny
+list that drops to empty as an error. (A process that starts in the middle of a rewrite
+has nothing earlier to hold against: that is why the deny tooling writes atomically.)
 
 Sessions do not resume across a swap: each SSL_CTX has its own session cache and ticket
 keys, and the session id context is derived from the material's digest. A client must
@@ -125,7 +126,12 @@ def build_material(
     generation: int,
     backends: Mapping[BackendFiles, BackendCredentials] | None = None,
     pending: Pending | None = None,
+    *,
+    previous: Material | None = None,
 ) -> Material:
+    """``previous``: the material in force; a backend identity whose files did not change
+    keeps its context, so a swap for another reason (a deny entry, a server certificate)
+    does not retire every pooled backend connection."""
     sid = hashlib.sha256(b"mtlsproxy session id context\0" + creds.digest.encode()).digest()
 
     def context(alpn: list[bytes] | None) -> SSL.Context:
@@ -147,11 +153,20 @@ def build_material(
         raw_context=context(None),
         root_fingerprints=frozenset(fingerprint(ca) for ca in creds.client_cas),
         backends={
-            files: (backend, build_backend_context(backend, tls.min_version, tls.groups))
+            files: _backend_entry(backend, tls, previous)
             for files, backend in (backends or {}).items()
         },
         pending=pending,
     )
+
+
+def _backend_entry(
+    backend: BackendCredentials, tls: TLS, previous: Material | None
+) -> tuple[BackendCredentials, SSL.Context]:
+    old = previous.backends.get(backend.files) if previous is not None else None
+    if old is not None and old[0].digest == backend.digest:
+        return old
+    return backend, build_backend_context(backend, tls.min_version, tls.groups)
 
 
 @dataclass(frozen=True)
@@ -185,6 +200,9 @@ class CredentialStore:
         self.last_result = ReloadResult(datetime.now(UTC), "start", "swapped", 1)
         self._last_failed: str | None = None  # what the last failure was about
         self._starved = False  # a poll found the process out of file descriptors
+        # A read or proof failed since the content last proved: a held removal must then
+        # be read again, unchanged, a full reload_interval later before it takes effect.
+        self._interrupted = False
         self._anchors: OrderedDict[str, str] = OrderedDict()
         self._on_swap: list[Callable[[Material], None]] = []
         self._on_result: list[Callable[[ReloadResult], None]] = []
@@ -234,8 +252,13 @@ class CredentialStore:
         digest = digest_of(self._paths, blobs)
         if digest == self._seen:
             self._last_failed = None
-            held = self._held
-            if held is not None and self._clock() - held[1] >= self._tls.reload_interval.seconds:
+            held, interrupted = self._held, self._interrupted
+            self._interrupted = False
+            if held is not None and interrupted:
+                # A failed read came between (a rewrite in progress, the file gone for a
+                # moment): "stayed the same" is not shown, so the wait starts again.
+                self._held = (held[0], self._clock())
+            elif held is not None and self._clock() - held[1] >= self._tls.reload_interval.seconds:
                 return self._settle(source, held[0])
             return self._record(ReloadResult(_now(), source, "unchanged", self.generation))
         try:
@@ -247,10 +270,17 @@ class CredentialStore:
                 creds = _with_removals_held(read.credentials, self._settled)
             else:
                 creds = read.credentials
-            material = build_material(creds, self._tls, self.generation + 1, read.backends, pending)
+            material = build_material(
+                creds,
+                self._tls,
+                self.generation + 1,
+                read.backends,
+                pending,
+                previous=self._material,
+            )
         except (CredentialError, SSL.Error, ValueError) as exc:
             return self._failed(source, exc, fingerprint_of_failure=digest)
-        self._seen = digest
+        self._seen, self._interrupted = digest, False
         if pending is None:
             self._held, self._settled = None, read.credentials
         else:
@@ -262,7 +292,11 @@ class CredentialStore:
         """The content with removals stayed the same for a poll: put it in force."""
         try:
             material = build_material(
-                read.credentials, self._tls, self.generation + 1, read.backends
+                read.credentials,
+                self._tls,
+                self.generation + 1,
+                read.backends,
+                previous=self._material,
             )
         except (CredentialError, SSL.Error, ValueError) as exc:  # did prove before
             return self._failed(source, exc, fingerprint_of_failure=read.digest)
@@ -296,6 +330,15 @@ class CredentialStore:
         self._material = material
         self._last_failed = None
         log.info("reload (%s): generation %d: %s", source, material.generation, what)
+        creds = material.credentials
+        if not creds.server_anchor_listed and creds.server_anchor is not None:
+            log.warning(
+                "the server certificate %s chains to %s, which is no longer in %s: clients "
+                "that trust only the new bundle refuse it; renew the server certificate",
+                self._tls.cert,
+                creds.server_anchor.subject.rfc4514_string(),
+                "tls.server_ca" if self._tls.server_ca else "tls.client_ca",
+            )
         for callback in self._on_swap:
             callback(material)
         return self._record(ReloadResult(_now(), source, "swapped", material.generation))
@@ -307,6 +350,7 @@ class CredentialStore:
         if not self._starved:
             log.warning("credential poll skipped until descriptors are free again: %s", exc)
         self._starved = True
+        self._interrupted = True  # unseen, the files may have changed and changed back
         return self._record(ReloadResult(_now(), "poll", "unchanged", self.generation))
 
     @property
@@ -314,6 +358,7 @@ class CredentialStore:
         return self._material.generation
 
     def _failed(self, source: str, exc: Exception, *, fingerprint_of_failure: str) -> ReloadResult:
+        self._interrupted = True
         result = ReloadResult(_now(), source, "failed", self.generation, str(exc))
         # The same bad content is reported once, not on every poll; an explicit reload
         # (signal, admin) always says what is wrong.
@@ -372,6 +417,7 @@ def _with_removals_held(new: Credentials, settled: Credentials) -> Credentials:
         deny=new.deny | settled.deny,
         digest=held_digest,
         server_anchor=new.server_anchor,
+        server_anchor_listed=new.server_anchor_listed,
     )
 
 
