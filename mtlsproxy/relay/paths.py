@@ -46,7 +46,12 @@ _SLASHES = re.compile(rb"//+")
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 # Escapes refused outright: separators, a second decoding, path parameters (a decoding
 # layer in front of Tomcat turns %3B into ';'), NUL and control characters.
-_REFUSED_ESCAPES = {0x2F: "%2F", 0x5C: "%5C", 0x25: "%25", 0x3B: "%3B"}
+_REFUSED_ESCAPES = {
+    0x2F: "%2F (an escaped '/')",
+    0x5C: "%5C (an escaped '\\')",
+    0x25: "%25 (an escaped '%', decoded twice by some)",
+    0x3B: "%3B (an escaped ';', a path parameter to some)",
+}
 # What the request line admits at all (framing's regex): visible ASCII, no space.
 _NOT_VISIBLE = re.compile(rb"[^\x21-\x7e]")
 
@@ -90,10 +95,7 @@ def canonical_path(path: bytes) -> bytes:
 def _decode_escape(match: re.Match[bytes]) -> bytes:
     byte = int(match.group(1), 16)
     if byte in _REFUSED_ESCAPES:
-        raise BadRequest(
-            f"{_REFUSED_ESCAPES[byte]} in path: an escaped separator or escape is read "
-            "differently by backends"
-        )
+        raise BadRequest(f"{_REFUSED_ESCAPES[byte]} in path: backends read it differently")
     if byte < 0x20 or byte == 0x7F:
         raise BadRequest("escaped control character in path")
     if byte in _UNRESERVED:
