@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from mtlsproxy.relay.errors import HttpError, RouteError
-from mtlsproxy.relay.paths import canonical_path
+from mtlsproxy.relay.paths import canonical_target
 
 T = TypeVar("T")
 
@@ -83,8 +83,16 @@ class RouteTable(Generic[T]):
         """The route for a Host header value and a request target, or None (404).
 
         Raises ``BadRequest`` for a target that ``relay.paths`` refuses."""
+        return self._lookup(host, route_path(target))
+
+    def match_canonical(self, host: str | bytes | None, target: bytes) -> Route[T] | None:
+        """``match`` for a target that is already ``relay.paths.canonical_target``'s
+        output, as the server has it: the path rule is not applied a second time."""
+        return self._lookup(host, _path_part(target))
+
+    def _lookup(self, host: str | bytes | None, path: str) -> Route[T] | None:
         group = self._group(normalize_host(host))
-        path = route_path(target).lower()
+        path = path.lower()
         for prefix, route in group:
             if _prefix_matches(prefix, path):
                 return route
@@ -120,10 +128,13 @@ def route_path(target: str | bytes) -> str:
 
     Raises ``BadRequest`` for a spelling that path rule refuses."""
     raw = target.encode("utf-8", "surrogateescape") if isinstance(target, str) else target
-    path = raw.partition(b"?")[0]
-    if path == b"*":
+    return _path_part(canonical_target(raw))
+
+
+def _path_part(canonical: bytes) -> str:
+    if canonical == b"*":
         return "/"  # OPTIONS * concerns the whole server: route it as the root
-    return canonical_path(path).decode("ascii")
+    return canonical.partition(b"?")[0].decode("ascii")
 
 
 def _prefix_matches(prefix: str, path: str) -> bool:

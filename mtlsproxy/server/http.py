@@ -319,7 +319,7 @@ class HttpConnection:
 
     def _match(self, request: h11.Request, target: bytes) -> RouteRuntime:
         host = next((v for k, v in request.headers if k == b"host"), None)
-        route = self.routes.match(host, target)
+        route = self.routes.match_canonical(host, target)
         if route is None:
             raise NoRoute("no route for this host and path")
         return route.payload

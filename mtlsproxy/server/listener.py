@@ -156,13 +156,12 @@ async def _admit(
         return None
     finally:
         metrics.child(metrics.handshake_seconds, label).observe(trio.current_time() - started)
+    session = None
     try:
         session = _verdict(runtime, tls, shared, peer)
-    except BaseException:
-        await _close(tls, clean=False)
-        raise
-    if session is None:
-        await _close(tls, clean=False)
+    finally:
+        if session is None:  # refused, or the verdict failed: nothing will serve it
+            await _close(tls, clean=False)
     return None if session is None else (tls, session)
 
 

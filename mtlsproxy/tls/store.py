@@ -48,6 +48,7 @@ no verified chain for a resumed session).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import logging
@@ -267,7 +268,7 @@ class CredentialStore:
             pending = None
             if removed.deny_entries or removed.client_cas:
                 pending = removed
-                creds = _with_removals_held(read.credentials, self._settled)
+                creds = _with_removals_held(read.credentials, self._settled, removed)
             else:
                 creds = read.credentials
             material = build_material(
@@ -405,19 +406,14 @@ def _removals(settled: Credentials, new: Credentials) -> Pending:
     )
 
 
-def _with_removals_held(new: Credentials, settled: Credentials) -> Credentials:
-    """``new`` with what it removed from ``settled`` still in force."""
-    kept = {ca.fingerprint(_SHA256) for ca in new.client_cas}
-    dropped = tuple(ca for ca in settled.client_cas if ca.fingerprint(_SHA256) not in kept)
+def _with_removals_held(new: Credentials, settled: Credentials, removed: Pending) -> Credentials:
+    """``new`` with what it removed from ``settled`` (``removed``) still in force."""
     held_digest = hashlib.sha256(f"{new.digest} held {settled.digest}".encode()).hexdigest()
-    return Credentials(
-        cert_chain=new.cert_chain,
-        key=new.key,
-        client_cas=new.client_cas + dropped,
+    return dataclasses.replace(
+        new,
+        client_cas=new.client_cas + removed.client_cas,
         deny=new.deny | settled.deny,
         digest=held_digest,
-        server_anchor=new.server_anchor,
-        server_anchor_listed=new.server_anchor_listed,
     )
 
 
