@@ -23,7 +23,7 @@ write), so the second task *piggybacks*: it waits for the first one's wake-up an
 retries its own call (``_Parker``). OpenSSL may hold decrypted bytes already
 (``Connection.pending()``); we never wait before trying, so those are returned at once.
 
-Errors are translated in one place (``_mapped``): resets, protocol errors and failed
+Errors are translated in one place (``_failure``): resets, protocol errors and failed
 writes become ``trio.BrokenResourceError``; use after ``aclose`` becomes
 ``trio.ClosedResourceError``. A failed handshake raises ``HandshakeError`` whose
 ``reason`` says why (``no_cert``, ``unknown_ca``, ``expired``, ``bad_cert``,
@@ -58,8 +58,8 @@ from __future__ import annotations
 import hashlib
 import operator
 import socket
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from typing import Any, TypeVar
 
 import trio
@@ -95,6 +95,17 @@ class HandshakeError(MtlsProxyError):
 
 
 _DEFAULT_RECEIVE = 65536
+
+# The stream's state, one int of these bits (``TLSStream._state``) instead of a flag each:
+# the usual check ("handshake done, nothing else happened") is one compare per call.
+_HANDSHAKEN = 1  # do_handshake() succeeded
+_EOF_SENT = 2  # send_eof() sent our close_notify
+_BROKEN = 4  # a failure (or a cancelled send): only aclose() is left
+_CLOSED = 8  # aclose(), or the socket closed after a failed handshake
+_PEER_EOF = 16  # the read side saw the socket at a bare EOF before OpenSSL read it
+# What each operation needs to be exactly _HANDSHAKEN to take the fast path.
+_USABLE = _HANDSHAKEN | _BROKEN | _CLOSED
+_SENDABLE = _USABLE | _EOF_SENT
 
 
 class _Parker:
@@ -135,6 +146,10 @@ class _Parker:
             event.set()
 
 
+# The peek's one byte lands here and is never read: one buffer for every connection.
+_PEEK = bytearray(1)
+
+
 class TLSStream(trio.abc.HalfCloseableStream):
     """A trio Stream over a TCP socket, encrypted by an ``OpenSSL.SSL.Connection``.
 
@@ -144,9 +159,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
 
     # One per connection: no per-instance dict (trio's stream ABCs have slots too).
     __slots__ = (
-        "_bare_eof", "_broken", "_close_timeout", "_closed", "_conn", "_drain_timeout",
-        "_eof_received", "_eof_sent", "_handshake_done", "_peer_sha256", "_readable",
-        "_receiving", "_sending", "_sock", "_writable",
+        "_close_timeout", "_conn", "_drain_timeout", "_eof_received", "_peer_sha256",
+        "_readable", "_receiving", "_sending", "_sock", "_state", "_writable",
     )  # fmt: skip
 
     def __init__(
@@ -172,22 +186,23 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._close_timeout = close_timeout
         self._readable = _Parker(trio.lowlevel.wait_readable)
         self._writable = _Parker(trio.lowlevel.wait_writable)
-        self._handshake_done = False
+        self._state = 0
         # Of the verified leaf, computed at the handshake; the leaf itself stays in
         # OpenSSL's session and is decoded only when asked for (identities are cached by
         # this fingerprint, so mostly never), and not kept here: memory per connection.
         self._peer_sha256: str | None = None
+        # The conflict detector, as trio's (two senders would interleave records, two
+        # receivers would split one stream's bytes arbitrarily; both are caller bugs), but
+        # plain flags set and cleared in place: no context manager per call.
         self._receiving = False
         self._sending = False
-        self._broken = False
-        self._closed = False
-        self._eof_sent = False
         self._eof_received: bool | None = None  # None: no EOF yet; else: was it clean?
-        self._bare_eof = False  # _recv saw the socket at EOF before OpenSSL read it
 
     # ---- the one loop --------------------------------------------------------------
 
     async def _io(self, fn: Callable[..., T], *args: object) -> T:
+        """The handshake's and the shutdown's loop; ``send_all`` and ``receive_some`` have
+        their own copy of it, written out (a coroutine frame less on every call)."""
         await trio.lowlevel.checkpoint_if_cancelled()
         waited = False
         try:
@@ -202,57 +217,45 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 except SSL.WantWriteError:
                     parker = self._writable
                 waited = True
-                # _Parker.wait, inlined: a frame less per parked idle connection.
-                if parker.parked:
-                    await parker.join()
-                    continue
-                parker.parked = True
-                try:
-                    await parker.wait_fd(self._sock)
-                finally:
-                    parker.release()
+                await self._park(parker)
         finally:
             if not waited:
-                # trio's contract: every async operation is a schedule point.
+                # trio's contract: every async operation is a schedule point. One, after the
+                # call, as trio's own socket methods do it (and only when the call did not
+                # wait: a wait was one already).
                 await trio.lowlevel.cancel_shielded_checkpoint()
 
-    @contextmanager
-    def _mapped(self) -> Iterator[None]:
+    async def _park(self, parker: _Parker) -> None:
+        # _Parker.wait, with the parker's first wait done here.
+        if parker.parked:
+            await parker.join()
+            return
+        parker.parked = True
         try:
-            yield
-        except trio.ClosedResourceError:
-            raise  # aclose() from another task woke our wait
-        except (SSL.Error, OSError) as exc:
-            raise self._failure(exc) from exc
+            await parker.wait_fd(self._sock)
+        finally:
+            parker.release()
 
     def _failure(self, exc: BaseException) -> trio.BrokenResourceError | trio.ClosedResourceError:
-        """The one translation of an OpenSSL or socket error into trio's (``_mapped``, and
-        ``receive_some``, which spells it out to keep no context manager per idle wait)."""
-        self._broken = True
-        if self._closed:
+        """The one translation of an OpenSSL or socket error into trio's."""
+        self._state |= _BROKEN
+        if self._state & _CLOSED:
             return trio.ClosedResourceError("the TLS stream was closed")
         return trio.BrokenResourceError(f"TLS connection failed: {exc!r}")
 
-    @contextmanager
-    def _claim_sending(self) -> Iterator[None]:
-        # Like trio's ConflictDetector: two senders would interleave records, two
-        # receivers would split one stream's bytes arbitrarily; both are caller bugs.
-        # (receive_some claims ``_receiving`` itself.)
-        if self._sending:
-            raise trio.BusyResourceError("another task is already sending on this stream")
-        self._sending = True
-        try:
-            yield
-        finally:
-            self._sending = False
-
     def _check_usable(self) -> None:
-        if self._closed:
+        state = self._state
+        if state & _CLOSED:
             raise trio.ClosedResourceError("the TLS stream was closed")
-        if self._broken:
+        if state & _BROKEN:
             raise trio.BrokenResourceError("the TLS stream is broken")
-        if not self._handshake_done:
+        if not state & _HANDSHAKEN:
             raise RuntimeError("call do_handshake() before using the stream")
+
+    def _check_sendable(self) -> None:
+        if self._state & (_EOF_SENT | _CLOSED) == _EOF_SENT:
+            raise trio.ClosedResourceError("send_eof() was called; cannot send")
+        self._check_usable()
 
     # ---- handshake -----------------------------------------------------------------
 
@@ -261,16 +264,16 @@ class TLSStream(trio.abc.HalfCloseableStream):
 
         On failure the socket is closed (after the alert had its chance to leave).
         """
-        if self._handshake_done:
+        if self._state & _HANDSHAKEN:
             await trio.lowlevel.checkpoint()
             return
-        if self._closed or self._broken:
+        if self._state & (_CLOSED | _BROKEN):
             self._check_usable()
         try:
             with trio.move_on_after(timeout) as scope:
                 await self._io(self._conn.do_handshake)
         except (SSL.Error, OSError) as exc:
-            self._broken = True
+            self._state |= _BROKEN
             reason, detail = classify_failure(exc, verify_result(self._conn))
             claimed = None
             if reason == "bad_signature":
@@ -279,14 +282,14 @@ class TLSStream(trio.abc.HalfCloseableStream):
             raise HandshakeError(reason, detail, claimed) from exc
         except BaseException:
             # Cancelled from outside, or aclose() from another task: no alert to deliver.
-            self._broken = True
+            self._state |= _BROKEN
             self._close_socket()
             raise
         if scope.cancelled_caught:
-            self._broken = True
+            self._state |= _BROKEN
             self._close_socket()
             raise HandshakeError("timeout", f"no complete handshake within {timeout:g} s")
-        self._handshake_done = True
+        self._state |= _HANDSHAKEN
         # Every connection needs it (identity, logs), so decode it once, here.
         peer = self._conn.get_peer_certificate()
         self._peer_sha256 = None if peer is None else _sha256_hex(peer)
@@ -328,7 +331,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
     @property
     def peer_certificate(self) -> x509.Certificate | None:
         """The verified leaf, decoded on first use (identity caches skip it entirely)."""
-        peer = self._conn.get_peer_certificate() if self._handshake_done else None
+        peer = self._conn.get_peer_certificate() if self._state & _HANDSHAKEN else None
         return None if peer is None else peer.to_cryptography()
 
     @property
@@ -395,108 +398,165 @@ class TLSStream(trio.abc.HalfCloseableStream):
     # ---- the Stream ----------------------------------------------------------------
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        with self._claim_sending():
-            if self._eof_sent and not self._closed:
-                raise trio.ClosedResourceError("send_eof() was called; cannot send")
-            self._check_usable()
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        self._sending = True
+        try:
+            if self._state & _SENDABLE != _HANDSHAKEN:
+                self._check_sendable()
             view = memoryview(data).cast("B")
-            if not view:
+            size = len(view)
+            if not size:
                 await trio.lowlevel.checkpoint()
                 return
+            # _io, written out for the whole send: one checkpoint per send_all, not one per
+            # partial write (as trio's SocketStream.send_all).
+            await trio.lowlevel.checkpoint_if_cancelled()
+            send = self._conn.send
             sent = 0
-            with self._mapped():
-                try:
-                    while sent < len(view):
+            waited = False
+            try:
+                while True:
+                    try:
                         # Partial writes are on (pyOpenSSL sets ENABLE_PARTIAL_WRITE): a
                         # retry after WantWrite passes the same remaining bytes again.
-                        sent += await self._io(self._conn.send, view[sent:])
-                except trio.Cancelled:
-                    self._broken = True  # a half-written record cannot be abandoned
-                    raise
+                        sent += send(view[sent:] if sent else view)
+                        if sent >= size:
+                            break
+                        continue
+                    except SSL.WantWriteError:
+                        parker = self._writable
+                    except SSL.WantReadError:
+                        parker = self._readable
+                    waited = True
+                    await self._park(parker)
+            except trio.Cancelled:
+                self._state |= _BROKEN  # a half-written record cannot be abandoned
+                raise
+            except (SSL.Error, OSError) as exc:  # (aclose() from another task: as it is)
+                raise self._failure(exc) from exc
+            finally:
+                if not waited:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+        finally:
+            self._sending = False
 
     async def wait_send_all_might_not_block(self) -> None:
-        with self._claim_sending():
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        self._sending = True
+        try:
             self._check_usable()
-            with self._mapped():
+            try:
                 await self._writable.wait(self._sock)
+            except (SSL.Error, OSError) as exc:
+                raise self._failure(exc) from exc
+        finally:
+            self._sending = False
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if max_bytes is None:
-            max_bytes = _DEFAULT_RECEIVE
-        # TypeError for 1.5 now: _recv may wait for the socket before OpenSSL sees it.
-        elif operator.index(max_bytes) < 1:
-            raise ValueError("max_bytes must be >= 1")
-        # What _claim and _mapped do, written out: an idle keep-alive connection sits
-        # here, and two generator-based context managers per parked read are memory.
+        max_bytes = _receive_size(max_bytes)
         if self._receiving:
             raise trio.BusyResourceError("another task is already receiving on this stream")
         self._receiving = True
         try:
-            self._check_usable()
+            if self._state & _USABLE != _HANDSHAKEN:
+                self._check_usable()
             if self._eof_received is not None:
                 await trio.lowlevel.checkpoint()
                 return b""
+            # _io, written out: an idle keep-alive connection sits here, and every frame of
+            # its await chain (and every context manager) is memory.
+            await trio.lowlevel.checkpoint_if_cancelled()
+            waited = False
             try:
-                return await self._io(self._recv, max_bytes)
-            except SSL.ZeroReturnError:
-                self._eof_received = not self._bare_eof
-            except SSL.SysCallError as exc:
-                # pyOpenSSL reports "EOF without close_notify" as (-1, 'Unexpected EOF')
-                # on every OpenSSL version; a real errno (ECONNRESET...) is a failure.
-                if exc.args[0] != -1:
-                    raise self._failure(exc) from exc
-                self._eof_received = False
-            except trio.ClosedResourceError:
-                raise  # aclose() from another task woke our wait
-            except (SSL.Error, OSError) as exc:
-                raise self._failure(exc) from exc
+                while True:
+                    try:
+                        return self._recv(max_bytes)
+                    # BlockingIOError: the peek found nothing yet, OpenSSL was not asked.
+                    except (BlockingIOError, SSL.WantReadError):
+                        parker = self._readable
+                    except SSL.WantWriteError:
+                        parker = self._writable
+                    waited = True
+                    # _park, inlined: one frame less per parked idle connection.
+                    if parker.parked:
+                        await parker.join()
+                        continue
+                    parker.parked = True
+                    try:
+                        await parker.wait_fd(self._sock)
+                    finally:
+                        parker.release()
+            except (SSL.Error, OSError) as exc:  # (aclose() from another task: as it is)
+                self._end_of_input(exc)
+            finally:
+                if not waited:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
             return b""
         finally:
             self._receiving = False
 
+    def _end_of_input(self, exc: SSL.Error | OSError) -> None:
+        """The end of the stream (``receive_some`` returns b"") or a failure (raised)."""
+        if isinstance(exc, SSL.ZeroReturnError):
+            self._eof_received = not self._state & _PEER_EOF
+        # pyOpenSSL reports "EOF without close_notify" as (-1, 'Unexpected EOF') on every
+        # OpenSSL version; a real errno (ECONNRESET...) is a failure.
+        elif isinstance(exc, SSL.SysCallError) and exc.args[0] == -1:
+            self._eof_received = False
+        else:
+            raise self._failure(exc) from exc
+
     def _recv(self, max_bytes: int) -> bytes:
         """``Connection.recv``, but a bare EOF is no fatal error (the module docstring says
         why). ``pending()`` counts decrypted bytes only, so an EOF in the middle of a
-        record (a truncated one) is taken the same way: the stream ends, not clean."""
-        if not self._bare_eof and not self._conn.pending():
-            try:
-                at_eof = not self._sock.recv(1, socket.MSG_PEEK)
-            except BlockingIOError:
-                raise SSL.WantReadError from None  # nothing yet: _io waits, as for OpenSSL's
-            if at_eof:
-                self._bare_eof = True
-                _lib.SSL_set_options(self._conn._ssl, SSL.OP_IGNORE_UNEXPECTED_EOF)
-        if not self._bare_eof:
-            return self._conn.recv(max_bytes)
-        shut = self._conn.get_shutdown()
+        record (a truncated one) is taken the same way: the stream ends, not clean.
+
+        Raises ``BlockingIOError`` when the socket has nothing to read: cheaper than letting
+        OpenSSL find out (no SSL_read, no error queue, no second exception)."""
+        conn = self._conn
+        if not self._state & _PEER_EOF:
+            if _lib.SSL_pending(conn._ssl) or self._sock.recv_into(_PEEK, 1, socket.MSG_PEEK):
+                return conn.recv(max_bytes)
+            self._state |= _PEER_EOF
+            _lib.SSL_set_options(conn._ssl, SSL.OP_IGNORE_UNEXPECTED_EOF)
+        shut = conn.get_shutdown()
         try:
-            return self._conn.recv(max_bytes)  # records OpenSSL holds, then ZeroReturnError
+            return conn.recv(max_bytes)  # records OpenSSL holds, then ZeroReturnError
         except SSL.ZeroReturnError:
             # OpenSSL *sets* the state to "received" at the EOF, forgetting a close_notify
             # we sent (send_eof); without "sent", freeing the connection drops its session.
-            self._conn.set_shutdown(shut | SSL.RECEIVED_SHUTDOWN)
+            conn.set_shutdown(shut | SSL.RECEIVED_SHUTDOWN)
             raise
 
     async def send_eof(self) -> None:
-        with self._claim_sending():
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        self._sending = True
+        try:
             self._check_usable()
-            if self._eof_sent:
+            if self._state & _EOF_SENT:
                 await trio.lowlevel.checkpoint()
                 return
-            with self._mapped():
+            try:
                 # SSL_shutdown queues close_notify; a retry after WantWrite only flushes it,
                 # it does not start waiting for the peer's close_notify (ssl3_shutdown).
                 await self._io(self._conn.shutdown)
-            self._eof_sent = True
+            except (SSL.Error, OSError) as exc:
+                raise self._failure(exc) from exc
+            self._state |= _EOF_SENT
+        finally:
+            self._sending = False
 
     async def aclose(self) -> None:
         """Send close_notify (best effort, ``close_timeout``), then close. Idempotent."""
-        if self._closed:
+        if self._state & _CLOSED:
             await trio.lowlevel.checkpoint()
             return
-        self._closed = True
+        self._state |= _CLOSED
         try:
-            if self._handshake_done and not self._broken and not self._eof_sent:
+            if self._state & (_HANDSHAKEN | _BROKEN | _EOF_SENT) == _HANDSHAKEN:
                 # The peer may be gone already; then closing is all that is left to do.
                 with (
                     trio.move_on_after(self._close_timeout),
@@ -509,7 +569,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
             self._close_socket()
 
     def _close_socket(self) -> None:
-        self._closed = True
+        self._state |= _CLOSED
         if self._sock.fileno() == -1:
             return
         # Discard input that already arrived (typically the peer's close_notify) without
@@ -525,6 +585,15 @@ class TLSStream(trio.abc.HalfCloseableStream):
         # number can be reused.
         trio.lowlevel.notify_closing(self._sock)
         self._sock.close()
+
+
+def _receive_size(max_bytes: int | None) -> int:
+    if max_bytes is None:
+        return _DEFAULT_RECEIVE
+    # TypeError for 1.5 now: the peek may wait for the socket before OpenSSL sees it.
+    if operator.index(max_bytes) < 1:
+        raise ValueError("max_bytes must be >= 1")
+    return max_bytes
 
 
 def _sha256_hex(cert: Any) -> str:
