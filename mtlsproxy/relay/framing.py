@@ -151,30 +151,36 @@ class _Parsed(NamedTuple):
     start: re.Match[bytes]
     headers: list[tuple[bytes, bytes]]  # lowercased names, trimmed values
 
-    def values(self, name: bytes) -> list[bytes]:
-        return [value for field, value in self.headers if field == name]
-
 
 def validate_request(raw_head: bytes, request: h11.Request) -> Framing:
     """Refuse (BadRequest / HeadersTooLarge) or return the body framing of a request."""
     parsed = _parse(raw_head, _REQUEST_LINE, BadRequest)
     method, target, version = parsed.start.group("method", "target", "version")
-    if version not in _VERSIONS:
-        raise BadRequest("HTTP version not supported")
-    if method == b"CONNECT":
-        raise BadRequest("CONNECT is not supported")
-    _check_target(method, target)
-    hosts = parsed.values(b"host")
-    if len(hosts) != 1:
-        raise BadRequest("exactly one Host header is required")
-    if not _HOST.fullmatch(hosts[0]):
-        raise BadRequest("malformed Host header")
-    framing = _framing(parsed, version, BadRequest)
+    framing = request_framing(method, target, version, parsed.headers)
     # Last, so that the refusals above name the rule rather than the disagreement.
     if (request.method, request.target, request.http_version) != (method, target, version):
         raise BadRequest("request line parsed ambiguously")
     _same_headers(parsed, request, BadRequest)
     return framing
+
+
+def request_framing(
+    method: bytes, target: bytes, version: bytes, headers: list[tuple[bytes, bytes]]
+) -> Framing:
+    """The rules of a request head over its parsed fields (``headers``: lowercased names,
+    values trimmed of SP/HTAB), whichever parser produced them: h11 here, llhttp in
+    ``relay.h1``. Refuses (BadRequest) or returns the body framing."""
+    if version not in _VERSIONS:
+        raise BadRequest("HTTP version not supported")
+    if method == b"CONNECT":
+        raise BadRequest("CONNECT is not supported")
+    _check_target(method, target)
+    hosts = [value for name, value in headers if name == b"host"]
+    if len(hosts) != 1:
+        raise BadRequest("exactly one Host header is required")
+    if not _HOST.fullmatch(hosts[0]):
+        raise BadRequest("malformed Host header")
+    return _framing(headers, version, BadRequest)
 
 
 def validate_response(
@@ -183,17 +189,23 @@ def validate_response(
     """Refuse (BadGateway) a backend response head or return its body framing."""
     parsed = _parse(raw_head, _STATUS_LINE, BadGateway)
     version, status = parsed.start.group("version", "status")
-    if version not in _VERSIONS:
-        raise BadGateway("backend HTTP version not supported")
-    framing = _framing(parsed, version, BadGateway)
-    # RFC 9110 §8.6, RFC 9112 §6.1: 1xx and 204 have no body, so framing headers on
-    # them are either meaningless or an attempt to make us read one.
-    bodiless = int(status) < 200 or int(status) == 204
-    if bodiless and (framing.chunked or framing.content_length):
-        raise BadGateway("backend sent body framing on a bodiless status")
+    framing = response_framing(version, int(status), parsed.headers)
     if (response.http_version, response.status_code) != (version, int(status)):
         raise BadGateway("backend status line parsed ambiguously")
     _same_headers(parsed, response, BadGateway)
+    return framing
+
+
+def response_framing(version: bytes, status: int, headers: list[tuple[bytes, bytes]]) -> Framing:
+    """The rules of a response head over its parsed fields (as ``request_framing``)."""
+    if version not in _VERSIONS:
+        raise BadGateway("backend HTTP version not supported")
+    framing = _framing(headers, version, BadGateway)
+    # RFC 9110 §8.6, RFC 9112 §6.1: 1xx and 204 have no body, so framing headers on
+    # them are either meaningless or an attempt to make us read one.
+    bodiless = status < 200 or status == 204
+    if bodiless and (framing.chunked or framing.content_length):
+        raise BadGateway("backend sent body framing on a bodiless status")
     return framing
 
 
@@ -243,9 +255,9 @@ def _same_headers(
         raise error("header section parsed ambiguously")
 
 
-def _framing(parsed: _Parsed, version: bytes, error: type[HttpError]) -> Framing:
-    lengths = parsed.values(b"content-length")
-    codings = parsed.values(b"transfer-encoding")
+def _framing(headers: list[tuple[bytes, bytes]], version: bytes, error: type[HttpError]) -> Framing:
+    lengths = [value for name, value in headers if name == b"content-length"]
+    codings = [value for name, value in headers if name == b"transfer-encoding"]
     if len(lengths) > 1:
         raise error("more than one Content-Length")
     if len(codings) > 1:
