@@ -1,4 +1,4 @@
-"""`make bench`: mtlsproxy and nginx side by side on this machine, in one run.
+"""`make bench`: mtlsproxy and nginx side by side on this machine, in one run, with the floor.
 
 Method (benchmarks/README.md says why):
 
@@ -8,14 +8,20 @@ Method (benchmarks/README.md says why):
 - The system under test runs on core 0; the load generator (benchmarks/loadgen, C on
   libssl) and the backend on core 1. Server CPU per operation comes from /proc (user +
   system time of every process of the system under test) over the measured window.
-- Systems are interleaved (nginx, mtlsproxy, nginx, mtlsproxy, ...) for every scenario
-  and round, so a noisy neighbour hits both alike. Reported: the median and min-max of
-  each, the ratio mtlsproxy/nginx of every round and its median.
+- The floor (benchmarks/bare_relay.py: a bare mTLS relay on trio and mtlsproxy's own
+  TLSStream, no product around it) runs as a third system in the full, resumed and
+  keep-alive scenarios, pinned and measured as mtlsproxy is: mtlsproxy/floor says how far
+  the proxy is from what its stack allows. `--no-floor` leaves it out.
+- Systems are interleaved (nginx, mtlsproxy, floor, nginx, mtlsproxy, floor, ...) for
+  every scenario and round, so a noisy neighbour hits all alike. Reported: the median and
+  min-max of each, the ratios to nginx (and mtlsproxy/floor) of every round and their
+  medians.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import signal
@@ -40,6 +46,8 @@ LOADGEN = HERE / "loadgen" / "loadgen"
 WSECHO = HERE / "loadgen" / "wsecho"
 SERVER_CORE, LOAD_CORE = "0", "1"
 BACKEND_PORT, NGINX_PORT, PROXY_PORT, PROXY2_PORT = 18080, 18443, 18444, 18445
+FLOOR_PORT = 18446
+FLOOR = "floor"  # the system name of benchmarks/bare_relay.py in results
 WS_BACKEND_PORT = 18082
 ADMIN_PORT, ADMIN2_PORT = 18901, 18902
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -53,21 +61,22 @@ class Scenario:
     metric: str  # key in loadgen's JSON
     args: tuple[str, ...]
     higher_is_better: bool = True
+    floor: bool = False  # the bare relay runs it too (it relays plain requests, no more)
 
 
 SCENARIOS = (
     Scenario("full", "full mTLS handshakes/s (new connection, one request)", "conn/s", "rate",
-             ("--mode", "full", "--concurrency", "32")),
+             ("--mode", "full", "--concurrency", "32"), floor=True),
     Scenario("resumed", "resumed handshakes/s", "conn/s", "rate",
-             ("--mode", "resumed", "--concurrency", "32")),
+             ("--mode", "resumed", "--concurrency", "32"), floor=True),
     Scenario("latency_p50", "handshake+request latency p50 at 200 conn/s", "ms", "p50",
              ("--mode", "latency", "--rate", "200"), higher_is_better=False),
     Scenario("latency_p99", "handshake+request latency p99 at 200 conn/s", "ms", "p99",
              ("--mode", "latency", "--rate", "200"), higher_is_better=False),
     Scenario("keepalive", "keep-alive requests/s (32 connections)", "req/s", "rate",
-             ("--mode", "keepalive", "--concurrency", "32")),
+             ("--mode", "keepalive", "--concurrency", "32"), floor=True),
     Scenario("keepalive_p99", "keep-alive request latency p99", "ms", "p99",
-             ("--mode", "keepalive", "--concurrency", "32"), higher_is_better=False),
+             ("--mode", "keepalive", "--concurrency", "32"), higher_is_better=False, floor=True),
     Scenario("upload", "1 MiB upload throughput (4 connections)", "MiB/s", "mib_per_s",
              ("--mode", "upload", "--concurrency", "4", "--body-size", str(2**20), "--path", "/upload")),
     Scenario("websocket", "WebSocket messages/s (32 connections, 64-byte echo)", "msg/s", "rate",
@@ -106,6 +115,15 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--workers2", action="store_true", help="also measure workers = 2")
     parser.add_argument(
+        "--no-floor", action="store_true", help="leave out the floor (benchmarks/bare_relay.py)"
+    )
+    parser.add_argument(
+        "--floor-mode",
+        choices=("min", "httptools", "h11"),
+        default="httptools",
+        help="how the floor frames HTTP (bare_relay.py --mode; default %(default)s)",
+    )
+    parser.add_argument(
         "--replot", action="store_true", help="redo table and plot from latest.json"
     )
     args = parser.parse_args()
@@ -119,10 +137,16 @@ def main() -> int:
         return 0
     if not LOADGEN.exists() or not WSECHO.exists():
         sys.exit("loadgen is not built: run `make bench` (it builds benchmarks/loadgen)")
+    floor_scenarios = [s for s in SCENARIOS if s.floor and (not args.only or s.name in args.only)]
+    if args.no_floor or not floor_scenarios:
+        args.floor_mode = None  # not started, and not named in the results
+    floor_mode = args.floor_mode
+    if floor_mode == "httptools" and importlib.util.find_spec("httptools") is None:
+        sys.exit("the floor needs httptools: pip install -e '.[bench]' (or --floor-mode h11)")
     with tempfile.TemporaryDirectory(prefix="mtlsproxy-bench-") as tmp:
         work = Path(tmp)
         certs = make_certificates(work)
-        with running(work, certs, args.workers2) as systems:
+        with running(work, certs, args.workers2, floor_mode) as systems:
             runs = measure(systems, certs, args)
             rotation = rotation_row(systems, certs, work, args.duration)
     write_results(runs, rotation, args)
@@ -248,7 +272,9 @@ backends = ["127.0.0.1:{backend}"]
 
 
 @contextmanager
-def running(work: Path, certs: dict[str, Path], workers2: bool) -> Iterator[list[System]]:
+def running(
+    work: Path, certs: dict[str, Path], workers2: bool, floor_mode: str | None
+) -> Iterator[list[System]]:
     procs: list[subprocess.Popen[bytes]] = []
     fill = {k: str(v) for k, v in certs.items()} | {
         "work": str(work),
@@ -279,6 +305,14 @@ def running(work: Path, certs: dict[str, Path], workers2: bool) -> Iterator[list
                                   "--log-level", "warning"])  # fmt: skip
             procs.append(proc)
             systems.append(System(name, port, [proc.pid]))
+        if floor_mode is not None:  # on the proxy's core, to the same backend
+            proc = _spawn(SERVER_CORE, [
+                sys.executable, str(HERE / "bare_relay.py"), "--mode", floor_mode,
+                "--listen", f"127.0.0.1:{FLOOR_PORT}", "--upstream", f"127.0.0.1:{BACKEND_PORT}",
+                "--cert", fill["server_crt"], "--key", fill["server_key"], "--client-ca", fill["ca"],
+            ])  # fmt: skip
+            procs.append(proc)
+            systems.append(System(FLOOR, FLOOR_PORT, [proc.pid]))
         for system in systems:
             _wait_port(system.port)
         _wait_port(BACKEND_PORT)
@@ -354,6 +388,8 @@ def measure(systems: list[System], certs: dict[str, Path], args: argparse.Namesp
     for scenario in scenarios:
         for round_ in range(1, args.rounds + 1):
             for system in systems:
+                if system.name == FLOOR and not scenario.floor:
+                    continue
                 key = (scenario.args, system.name, round_)
                 if key not in done_args:  # p50 and p99 rows share one loadgen run
                     before = sum(cpu_ticks(p) for p in system.pids)
@@ -453,6 +489,7 @@ def write_results(runs: list[Run], rotation: dict[str, object], args: argparse.N
         ).stderr.strip(),
         "rounds": args.rounds,
         "duration_s": args.duration,
+        "floor_mode": args.floor_mode,
     }
     summary = summarize(runs)
     document = {"date": stamp, "machine": machine, "summary": summary, "rotation": rotation,
@@ -463,9 +500,15 @@ def write_results(runs: list[Run], rotation: dict[str, object], args: argparse.N
     print((args.out / "latest.md").read_text())
 
 
+def system_order(name: str) -> tuple[bool, bool, str]:
+    """nginx first, the floor last, mtlsproxy and its variants between."""
+    return (name == FLOOR, name != "nginx", name)
+
+
 def summarize(runs: list[Run]) -> list[dict[str, object]]:
+    """Per scenario: each system's figures, then the ratios of every round and their median:
+    each system to nginx, and mtlsproxy to the floor (how far from the stack's limit)."""
     rows = []
-    systems = sorted({r.system for r in runs}, key=lambda s: (s != "nginx", s))
     for scenario in SCENARIOS:
         mine = [r for r in runs if r.scenario == scenario.name]
         if not mine:
@@ -475,6 +518,7 @@ def summarize(runs: list[Run]) -> list[dict[str, object]]:
             "title": scenario.title,
             "unit": scenario.unit,
         }
+        systems = sorted({r.system for r in mine}, key=system_order)
         for system in systems:
             values = [r.value for r in mine if r.system == system]
             cpu = [r.server_cpu_us_per_op for r in mine if r.system == system]
@@ -488,13 +532,19 @@ def summarize(runs: list[Run]) -> list[dict[str, object]]:
                     r.client_cpu_fraction for r in mine if r.system == system
                 ),
             }
-        for system in systems[1:]:
+        pairs = [(system, "nginx") for system in systems if system != "nginx"]
+        if FLOOR in systems and "mtlsproxy" in systems:
+            pairs.append(("mtlsproxy", FLOOR))
+        for system, base_system in pairs:
             ratios = []
             for round_ in sorted({r.round for r in mine}):
-                base = next(r.value for r in mine if r.system == "nginx" and r.round == round_)
+                base = next(r.value for r in mine if r.system == base_system and r.round == round_)
                 value = next(r.value for r in mine if r.system == system and r.round == round_)
                 ratios.append(value / base if base else 0.0)
-            row[f"{system}/nginx"] = {"per_round": ratios, "median": statistics.median(ratios)}
+            row[f"{system}/{base_system}"] = {
+                "per_round": ratios,
+                "median": statistics.median(ratios),
+            }
         rows.append(row)
     return rows
 
@@ -505,45 +555,58 @@ def markdown(
     machine: dict[str, object],
     stamp: str,
 ) -> str:
-    systems = [
-        k
-        for k in summary[0]
-        if isinstance(summary[0][k], dict) and "median" in summary[0][k] and "/" not in k
-    ]  # type: ignore[operator]
+    # Columns over all rows: the floor runs in some scenarios only ("-" in the others).
+    keys = list(dict.fromkeys(k for row in summary for k in row))
+    figures = [k for k in keys if all(isinstance(row.get(k, {}), dict) for row in summary)]
+    systems = sorted((k for k in figures if "/" not in k), key=system_order)
+    ratios = [k for k in figures if "/" in k]
+    ratios.sort(key=lambda k: (not k.endswith("/nginx"), system_order(k.split("/")[0])))
+    floor_mode = machine.get("floor_mode")
+    floor_note = (
+        f" floor = benchmarks/bare_relay.py --mode {floor_mode}, the same stack with nothing "
+        "of the product (full, resumed and keep-alive rows only)."
+        if floor_mode
+        else ""
+    )
     lines = [
         f"# mtlsproxy vs nginx, {stamp}",
         "",
         f"{machine['cpus']} cores ({machine['cpu_model']}), {machine['nginx']}; "
         f"{machine['rounds']} interleaved rounds of {machine['duration_s']} s; server on core 0, "
-        "load generator and backend on core 1. Median (min-max); ratio = mtlsproxy / nginx per round.",
+        "load generator and backend on core 1. Median (min-max); a ratio column: its median "
+        f"(the ratio of every round).{floor_note}",
         "",
         "| metric | "
-        + " | ".join(systems)
-        + " | ratio per round | median ratio | server CPU µs/op ("
+        + " | ".join(systems + ratios)
+        + " | server CPU µs/op ("
         + ", ".join(systems)
         + ") |",
-        "|---|" + "---|" * len(systems) + "---|---|---|",
+        "|---|" + "---|" * (len(systems) + len(ratios)) + "---|",
     ]
     for row in summary:
         cells = []
         for system in systems:
-            s: dict[str, float] = row[system]  # type: ignore[assignment]
+            s: dict[str, float] | None = row.get(system)  # type: ignore[assignment]
             cells.append(
-                f"{s['median']:.1f} ({s['min']:.1f}-{s['max']:.1f})"
+                "-"
+                if s is None
+                else f"{s['median']:.1f} ({s['min']:.1f}-{s['max']:.1f})"
                 + (f", {int(s['errors'])} errors" if s["errors"] else "")
             )
-        ratio_keys = [k for k in row if k.endswith("/nginx")]
-        per_round = "; ".join(
-            ", ".join(f"{x:.2f}" for x in row[k]["per_round"])
-            for k in ratio_keys  # type: ignore[index]
+        for key in ratios:
+            r: dict[str, object] | None = row.get(key)  # type: ignore[assignment]
+            cells.append(
+                "-"
+                if r is None
+                else f"{r['median']:.2f} ("
+                + ", ".join(f"{x:.2f}" for x in r["per_round"])  # type: ignore[attr-defined]
+                + ")"
+            )
+        cpu = ", ".join(
+            f"{row[s]['cpu_us_per_op']:.0f}" if s in row else "-"  # type: ignore[index]
+            for s in systems
         )
-        median = "; ".join(f"{row[k]['median']:.2f}" for k in ratio_keys)  # type: ignore[index]
-        cpu = ", ".join(f"{row[s]['cpu_us_per_op']:.0f}" for s in systems)  # type: ignore[index]
-        lines.append(
-            f"| {row['title']} ({row['unit']}) | "
-            + " | ".join(cells)
-            + f" | {per_round} | {median} | {cpu} |"
-        )
+        lines.append(f"| {row['title']} ({row['unit']}) | " + " | ".join(cells) + f" | {cpu} |")
     lines += [
         "",
         "Rotation under load (mtlsproxy, 50 reloads with a new server certificate each):",
@@ -562,7 +625,10 @@ def plot(summary: list[dict[str, object]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ratio_keys = sorted({k for row in summary for k in row if k.endswith("/nginx")})
+    ratio_keys = sorted(
+        {k for row in summary for k in row if k.endswith("/nginx")},
+        key=lambda k: system_order(k.split("/")[0]),
+    )
     fig, ax = plt.subplots(figsize=(10, 5))
     width = 0.8 / max(1, len(ratio_keys))
     for i, key in enumerate(ratio_keys):
@@ -582,7 +648,7 @@ def plot(summary: list[dict[str, object]], path: Path) -> None:
     ax.set_xticks([j + width * (len(ratio_keys) - 1) / 2 for j in range(len(summary))])
     ax.set_xticklabels([str(row["scenario"]) for row in summary], rotation=20)
     ax.set_ylabel("ratio to nginx, log scale (median, min-max over rounds)")
-    ax.set_title("mtlsproxy / nginx (above 1: more throughput, or more latency for latency rows)")
+    ax.set_title("each system / nginx (above 1: more throughput, or more latency for latency rows)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
