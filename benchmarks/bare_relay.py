@@ -14,10 +14,10 @@ Three ways to find a message's end (``--mode``):
 
 - ``min``: ``bytes.find`` of the blank line and a scan for ``Content-Length`` only; heads
   are forwarded verbatim. No chunked bodies, no validation: the least any HTTP relay does.
-- ``httptools``: llhttp (the parser behind uvloop's servers) on both legs; heads are
-  rebuilt from the parsed fields without hop-by-hop ``Connection``. The default: the
-  lean parser a rebuilt data path could use.
-- ``h11``: h11 on both legs, as mtlsproxy's data path uses it, without anything else.
+- ``httptools``: llhttp on both legs (through httptools; mtlsproxy/relay/h1.py reads
+  with llhttp too, through the ``llhttp`` binding); heads are rebuilt from the parsed
+  fields without hop-by-hop ``Connection``. The default.
+- ``h11``: h11 on both legs, without anything else.
 
 Bodies are read whole before they are forwarded (fine for the benchmark's small requests,
 not for uploads). Usage::
