@@ -8,14 +8,14 @@ STAMP  := $(VENV)/.installed-stamp
 
 BENCH_STAMP := $(VENV)/.bench-stamp
 
-.PHONY: run test test-compose check lint typecheck pytest system-tools bench clean
+.PHONY: run test test-compose check lint typecheck imports pytest system-tools bench clean
 
 run: $(STAMP)
 	$(BIN)/mtlsproxy quickstart
 
 test: $(STAMP) system-tools check pytest
 
-check: lint typecheck
+check: lint typecheck imports
 
 lint: $(STAMP)
 	$(BIN)/ruff check mtlsproxy tests tests_compose benchmarks
@@ -23,6 +23,11 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
+
+# The floors of docs/architecture.md as import-linter contracts ([tool.importlinter] in
+# pyproject.toml): nothing imports upwards, the proxy process never loads pki/.
+imports: $(STAMP)
+	$(BIN)/lint-imports --no-cache
 
 pytest: $(STAMP) system-tools
 	$(BIN)/pytest $(PYTEST_ARGS)

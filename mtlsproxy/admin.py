@@ -37,9 +37,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mtlsproxy import config
 from mtlsproxy.address import peer_name
+from mtlsproxy.certinfo import summarize
 from mtlsproxy.identity import Identity, IdentityError
 from mtlsproxy.metrics import Metrics
-from mtlsproxy.pki.describe import summarize
 from mtlsproxy.policy import is_allowed, standing
 from mtlsproxy.tls.engine import HandshakeError, TLSStream
 from mtlsproxy.tls.store import CredentialStore, ReloadResult

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from mtlsproxy import config
-from mtlsproxy.pki.describe import summarize
+from mtlsproxy.certinfo import summarize
 from mtlsproxy.server.proxy import listener_runtime
 from mtlsproxy.tls.backend import all_backend_files
 from mtlsproxy.tls.credentials import trust_warnings

@@ -25,8 +25,9 @@ from mtlsproxy.pki import KEY_TYPES, CertificateAuthority, KeyType
 from mtlsproxy.pki.ca import DEFAULT_ISSUER_TTL, DEFAULT_ROOT_TTL
 from mtlsproxy.pki.describe import render, summarize
 from mtlsproxy.server.run import serve
-from mtlsproxy.server.workers import ENV_WORKER, prepare_worker
+from mtlsproxy.server.workers import prepare_worker
 from mtlsproxy.units import format_duration, parse_duration
+from mtlsproxy.workerenv import ENV_WORKER
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -23,7 +23,7 @@ from msgspec import Meta
 
 from mtlsproxy.address import Address, parse_address
 from mtlsproxy.errors import ConfigError
-from mtlsproxy.tls.context import DEFAULT_GROUPS, check_groups
+from mtlsproxy.kexgroups import DEFAULT_GROUPS, check_groups
 from mtlsproxy.units import parse_duration, parse_size
 
 

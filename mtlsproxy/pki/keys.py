@@ -26,15 +26,3 @@ def generate_key(key_type: KeyType) -> PrivateKey:
 def signature_hash(signing_key: PrivateKey) -> hashes.SHA256 | None:
     """Ed25519 hashes internally and takes no separate digest; the others sign SHA-256."""
     return None if isinstance(signing_key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
-
-
-def describe_public_key(key: object) -> str:
-    if isinstance(key, ec.EllipticCurvePublicKey):
-        return {"secp256r1": "ECDSA P-256", "secp384r1": "ECDSA P-384"}.get(
-            key.curve.name, f"ECDSA {key.curve.name}"
-        )
-    if isinstance(key, ed25519.Ed25519PublicKey):
-        return "Ed25519"
-    if isinstance(key, rsa.RSAPublicKey):
-        return f"RSA {key.key_size}"
-    return type(key).__name__

@@ -34,10 +34,10 @@ from types import FrameType
 
 from prometheus_client import multiprocess
 
+from mtlsproxy.workerenv import ENV_SUPERVISOR, ENV_WORKER
+
 log = logging.getLogger("mtlsproxy.workers")
 
-ENV_WORKER = "MTLSPROXY_WORKER"  # set in a worker's environment to its index
-ENV_SUPERVISOR = "MTLSPROXY_SUPERVISOR_PID"  # and the supervisor it may signal
 _BACKOFF_MIN, _BACKOFF_MAX = 1.0, 30.0
 _HEALTHY_AFTER = 60.0  # a worker that lived this long resets the back-off
 

@@ -24,7 +24,7 @@ but the CertificateVerify does not verify with its key: the peer does not hold i
 a copied certificate) and ``unknown_ca`` also for chains whose names lead to our CA but
 whose signatures do not verify (a rogue CA copying our subject names).
 
-Key exchange groups: Mozilla's intermediate profile by default (``DEFAULT_GROUPS``),
+Key exchange groups (``mtlsproxy.kexgroups``): Mozilla's intermediate profile by default,
 set through ``SSL_CTX_set1_curves_list`` (pyOpenSSL has no setter; in OpenSSL 3+ it is
 the same function as ``set1_groups_list``, for every group kind). A client that offers
 only other groups (secp521r1, X448, finite-field DH) gets a handshake failure.
@@ -47,7 +47,6 @@ two tickets after a full handshake, one after a resumption.
 from __future__ import annotations
 
 import ipaddress
-import re
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -56,6 +55,8 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from OpenSSL import SSL, crypto
 from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
+
+from mtlsproxy.kexgroups import DEFAULT_GROUPS, check_groups, set_groups
 
 __all__ = [
     "DEFAULT_GROUPS",
@@ -84,18 +85,6 @@ TLS12_CIPHERS = ":".join(
 )
 
 _VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
-
-# Mozilla's "intermediate" profile (ssl-config.mozilla.org): the hybrid post-quantum
-# X25519MLKEM768 first (a recorded session stays secret if X25519 ever falls), then
-# X25519, P-256 and P-384. Not secp521r1, X448 or finite-field DH: slower,
-# rarely needed, and each one more code path a client can choose. ``tls.groups`` in the
-# config replaces the list.
-DEFAULT_GROUPS: tuple[str, ...] = ("X25519MLKEM768", "X25519", "prime256v1", "secp384r1")
-
-# One plain group name per entry. OpenSSL's list syntax (``:`` separators, ``/`` tuples,
-# ``?`` to ignore unknown names, ``*`` key shares) stays ours: a ``?`` would let a typo
-# pass silently, which is what validating the list is for.
-_GROUP_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 # How many of the first groups a client sends a key share for (OpenSSL 3.5+'s ``*``):
 # two, as OpenSSL's own default does, so that with the default list a backend that
@@ -186,39 +175,14 @@ def classify_failure(exc: BaseException, verify_code: int) -> tuple[HandshakeFai
     return "protocol_error", "; ".join(reasons) or repr(exc)
 
 
-def check_groups(groups: Sequence[str]) -> None:
-    """Raise ValueError naming the first entry that is not one key exchange group the
-    OpenSSL in use knows (``groups[1] = 'nope' ...``)."""
-    if not groups:
-        raise ValueError("groups needs at least one key exchange group")
-    probe = SSL.Context(SSL.TLS_METHOD)
-    for i, name in enumerate(groups):
-        if not _GROUP_NAME.fullmatch(name) or not _set_groups(probe, name):
-            raise ValueError(
-                f"groups[{i}] = {name!r} is not a key exchange group this OpenSSL knows "
-                f"(one name per entry; the default is {', '.join(DEFAULT_GROUPS)})"
-            )
-    if not _set_groups(probe, ":".join(groups)):  # each name is fine; the list is not
-        raise ValueError(f"groups: OpenSSL refuses the list {list(groups)!r} as a whole")
-
-
-def _set_groups(ctx: SSL.Context, spec: str) -> bool:
-    # pyOpenSSL keeps the SSL_CTX* in the private ``_context``; the setter is in the
-    # bindings it ships on but has no pyOpenSSL wrapper.
-    if _lib.SSL_CTX_set1_curves_list(ctx._context, spec.encode("ascii")) == 1:
-        return True
-    _lib.ERR_clear_error()  # a stale error would be reported by the next pyOpenSSL call
-    return False
-
-
 def _use_groups(ctx: SSL.Context, groups: Sequence[str], *, client: bool) -> None:
     check_groups(groups)
     if client:
         shares = [f"*{n}" if i < _CLIENT_KEY_SHARES else n for i, n in enumerate(groups)]
-        if _set_groups(ctx, ":".join(shares)):
+        if set_groups(ctx, ":".join(shares)):
             return
         # An OpenSSL before 3.5 has no "*": it sends a key share for the first group only.
-    if not _set_groups(ctx, ":".join(groups)):  # check_groups() took this very list
+    if not set_groups(ctx, ":".join(groups)):  # check_groups() took this very list
         raise AssertionError(f"OpenSSL refused the group list {list(groups)!r}")
 
 

@@ -64,9 +64,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from OpenSSL import SSL
 
+from mtlsproxy.certinfo import fingerprint
 from mtlsproxy.config import TLS
 from mtlsproxy.errors import CredentialError
-from mtlsproxy.pki.describe import fingerprint
 from mtlsproxy.tls.backend import (
     BackendCredentials,
     BackendFiles,
