@@ -11,7 +11,6 @@ import struct
 import subprocess
 from pathlib import Path
 
-import h11
 import requests
 import trio
 from proxy_env import CLIENT_TIMEOUT, parse_responses, read_request, route, serve_raw, write_config
@@ -23,6 +22,7 @@ from test_proxy_tcp import connect, start_tcp_proxy
 from mtlsproxy.address import Address
 from mtlsproxy.pki import CertificateAuthority
 from mtlsproxy.relay import proxy_protocol as pp
+from mtlsproxy.relay.h1 import PAUSED
 from mtlsproxy.server.upstream import Target, Upstream, UpstreamPool
 
 
@@ -374,11 +374,10 @@ async def test_a_tcp_session_never_reuses_a_pooled_connection(nursery: trio.Nurs
     pool = UpstreamPool()
     target = Target(Address("127.0.0.1", port))
     up = await pool.acquire(target, connect_timeout=5)
-    up.conn.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
-    up.conn.send(h11.EndOfMessage())
-    up.conn.receive_data(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-    while up.conn.next_event() is not h11.PAUSED and up.conn.their_state is not h11.DONE:
+    up.reader.receive_data(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    while up.reader.next_event() is not PAUSED:
         pass
+    up.reusable = True  # the exchange ended cleanly on both sides
     assert pool.release(up)  # idle in the pool now
     fresh = await pool.acquire(target, connect_timeout=5, fresh=True)
     assert fresh is not up

@@ -31,6 +31,12 @@ class CountingBackend:
 
     async def handle(self, stream: trio.SocketStream) -> None:
         self.connections += 1
+        # It answers a head without reading its body, so the proxy may close on it with
+        # bytes unread (a reset): that ends this connection, not the test.
+        with contextlib.suppress(trio.BrokenResourceError):
+            await self._serve(stream)
+
+    async def _serve(self, stream: trio.SocketStream) -> None:
         buffer = b""
         while True:
             while b"\r\n\r\n" not in buffer:

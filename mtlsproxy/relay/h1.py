@@ -210,6 +210,12 @@ class MessageReader:
     def buffered(self) -> int:
         return len(self._buf) - self._pos
 
+    @property
+    def untouched(self) -> bool:
+        """Not a byte of the current message received yet (a stale keep-alive connection
+        that closes now has said nothing, so its request may be replayed)."""
+        return self._state == _HEAD and self._head_bytes == 0 and self.buffered == 0
+
     def no_body_expected(self) -> None:
         """The next response answers a HEAD request: it ends with its head."""
         self._no_body = True
@@ -303,10 +309,15 @@ class MessageReader:
         try:
             parser.finish()  # type: ignore[attr-defined]
         except llhttp.Error:
-            raise self._error(BadRequest, "message body cut short") from None
+            raise self._cut_short() from None
         if not parser.done:
-            raise self._error(BadRequest, "message body cut short")
+            raise self._cut_short()
         return self.next_event()
+
+    def _cut_short(self) -> HttpError:
+        if self._response:
+            return BadGateway("backend response body was malformed or cut short")
+        return BadRequest("request body cut short")
 
     def _error(self, request: type[HttpError], why: str) -> HttpError:
         if self._response:

@@ -89,12 +89,17 @@ def is_websocket_upgrade(request: h11.Request) -> bool:
 
 
 def is_websocket_accept(response: h11.InformationalResponse | h11.Response) -> bool:
-    upgrades = [v for n, v in response.headers if n == b"upgrade"]
+    return accepts_websocket(response.status_code, list(response.headers))
+
+
+def accepts_websocket(status: int, headers: Headers) -> bool:
+    """A 101 that switches to WebSocket (``headers`` with names in any case)."""
+    upgrades = [v for n, v in headers if n.lower() == b"upgrade"]
     return (
-        response.status_code == 101
+        status == 101
         and len(upgrades) == 1
         and upgrades[0].strip().lower() == b"websocket"
-        and b"upgrade" in connection_tokens(response.headers)
+        and b"upgrade" in connection_tokens(headers)
     )
 
 
@@ -106,6 +111,16 @@ def _is_hop(name: bytes, nominated: frozenset[bytes]) -> bool:
     )
 
 
+def forwarding_headers(identity: Identity, client_ip: str, *, by: str | None = None) -> Headers:
+    """The headers that say who the client is: the same for every request of a connection,
+    so built once per connection (``upstream_request_headers(forwarding=...)``)."""
+    return [
+        (b"X-Forwarded-For", _address(client_ip).encode("ascii")),
+        (b"X-Forwarded-Proto", b"https"),
+        (b"X-Forwarded-Client-Cert", format_xfcc(identity, by=by).encode("utf-8")),
+    ]
+
+
 def upstream_request_headers(
     request: h11.Request,
     identity: Identity,
@@ -113,8 +128,10 @@ def upstream_request_headers(
     *,
     allow_websocket: bool = False,
     by: str | None = None,
+    forwarding: Headers | None = None,
 ) -> Headers:
-    """Headers for the backend. ``by`` is the proxy's own URI SAN, for XFCC ``By=``."""
+    """Headers for the backend. ``by`` is the proxy's own URI SAN, for XFCC ``By=``;
+    ``forwarding``: ``forwarding_headers`` of this connection, when already built."""
     nominated = connection_tokens(request.headers)
     host: bytes | None = None
     out: Headers = []
@@ -138,11 +155,13 @@ def upstream_request_headers(
         out.append((b"Transfer-Encoding", b"chunked"))
     if allow_websocket and is_websocket_upgrade(request):
         out += [(b"Connection", b"Upgrade"), (b"Upgrade", b"websocket")]
-    out.append((b"X-Forwarded-For", _address(client_ip).encode("ascii")))
-    out.append((b"X-Forwarded-Proto", b"https"))
+    if forwarding is None:
+        forwarding = forwarding_headers(identity, client_ip, by=by)
+    xff, proto, xfcc = forwarding
+    out += (xff, proto)
     if host is not None:
         out.append((b"X-Forwarded-Host", host))
-    out.append((b"X-Forwarded-Client-Cert", format_xfcc(identity, by=by).encode("utf-8")))
+    out.append(xfcc)
     return out
 
 
@@ -169,12 +188,16 @@ def downstream_response_headers(
     ``websocket`` is true when the request was a permitted WebSocket handshake and the
     backend accepted it (``is_websocket_accept``); only then do Connection/Upgrade pass.
     """
-    nominated = connection_tokens(response.headers)
-    out: Headers = []
-    for raw_name, value in response.headers.raw_items():
-        if not _is_hop(raw_name.lower(), nominated):
-            out.append((raw_name, value))
-    if websocket and is_websocket_accept(response):
+    return client_response_headers(
+        response.status_code, list(response.headers.raw_items()), websocket=websocket
+    )
+
+
+def client_response_headers(status: int, headers: Headers, *, websocket: bool = False) -> Headers:
+    """``downstream_response_headers`` over a parsed head's fields (names in any case)."""
+    nominated = connection_tokens(headers)
+    out: Headers = [(n, v) for n, v in headers if not _is_hop(n.lower(), nominated)]
+    if websocket and accepts_websocket(status, headers):
         out += [(b"Connection", b"Upgrade"), (b"Upgrade", b"websocket")]
     return out
 

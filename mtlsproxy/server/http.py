@@ -65,11 +65,14 @@ from mtlsproxy.relay.framing import (
     HeadReader,
     check_chunk_size,
     validate_request,
-    validate_response,
 )
+from mtlsproxy.relay.h1 import END, LAST_CHUNK, NEED_DATA, Body, ResponseHead, chunk, request_head
 from mtlsproxy.relay.headers import (
-    downstream_response_headers,
-    is_websocket_accept,
+    Headers,
+    accepts_websocket,
+    client_response_headers,
+    connection_tokens,
+    forwarding_headers,
     is_websocket_upgrade,
     upstream_request_headers,
 )
@@ -89,7 +92,6 @@ RECEIVE_SIZE = 65536
 FLUSH_BYTES = 65536
 # RFC 9110 §9.2.2: methods whose repetition has the same effect as one request.
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-MAX_RESPONSE_HEAD = 64 * 1024
 STALE_RETRIES = 2
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
 
@@ -115,7 +117,7 @@ class _Stale(Exception):
 class _Switch(Exception):
     """The backend accepted a WebSocket upgrade: leave HTTP for the frame relay."""
 
-    def __init__(self, response: h11.InformationalResponse, rest: bytes) -> None:
+    def __init__(self, response: ResponseHead, rest: bytes) -> None:
         self.response = response
         self.rest = rest
         super().__init__("switching protocols")
@@ -131,6 +133,7 @@ class _Exchange:
     target: bytes  # canonical (relay.paths): what was routed, authorized and is forwarded
     route: RouteRuntime
     has_body: bool
+    chunked: bool = False  # the request body goes upstream in chunks we frame
     websocket: bool = False  # an upgrade the route lets through
     sent_100: bool = False
     body_done: bool = False  # the whole request body was read from the client
@@ -149,7 +152,7 @@ class _Exchange:
 class HttpConnection:
     # One per client connection, alive as long as it is: no per-instance dict.
     __slots__ = (
-        "_connected", "_first_event", "access", "clean_end", "client_ip", "identity",
+        "_connected", "_first_event", "_forwarding", "access", "clean_end", "client_ip", "identity",
         "listener", "metrics", "pool", "routes", "session", "store", "stream",
     )  # fmt: skip
 
@@ -181,6 +184,8 @@ class HttpConnection:
         self.clean_end = False
         self._first_event: Any = None  # a body event parsed with the head, not yet relayed
         self._connected = 0.0
+        # XFF, X-Forwarded-Proto and XFCC: per connection, not per request.
+        self._forwarding: Headers | None = None
 
     async def run(self) -> None:
         self._connected = trio.current_time()  # the handshake has just ended
@@ -281,7 +286,9 @@ class HttpConnection:
             # routes exist (404 versus 403).
             self._check_identity()
             route = self._match(request, target)
-            exchange = _Exchange(request, target, route, _has_body(framing), started=started)
+            exchange = _Exchange(
+                request, target, route, _has_body(framing), framing.chunked, started=started
+            )
             exchange.websocket = route.config.websocket and is_websocket_upgrade(request)
             self._authorize(route)
             limit = BodyLimit(self.listener.max_body_size or None, framing)
@@ -368,7 +375,8 @@ class HttpConnection:
     async def _websocket(
         self, client: h11.Connection, exchange: _Exchange, up: Upstream, switch: _Switch
     ) -> None:
-        headers = downstream_response_headers(switch.response, websocket=True)
+        response = switch.response
+        headers = client_response_headers(response.status, response.headers, websocket=True)
         exchange.response_started = True
         exchange.status = 101
         await self._send_client(client, h11.InformationalResponse(status_code=101, headers=headers))
@@ -448,13 +456,17 @@ class HttpConnection:
         request = exchange.request
         # We answer `Expect: 100-continue` ourselves, once a backend connection is up,
         # so the expectation must not travel on.
+        if self._forwarding is None:
+            self._forwarding = forwarding_headers(self.identity, self.client_ip)
         headers = upstream_request_headers(
-            request, self.identity, self.client_ip, allow_websocket=exchange.websocket
+            request,
+            self.identity,
+            self.client_ip,
+            allow_websocket=exchange.websocket,
+            forwarding=self._forwarding,
         )
-        upstream_req = h11.Request(
-            method=request.method,
-            target=exchange.target,
-            headers=[(k, v) for k, v in headers if k.lower() != b"expect"],
+        upstream_req = request_head(
+            request.method, exchange.target, [(k, v) for k, v in headers if k.lower() != b"expect"]
         )
         for attempt in range(STALE_RETRIES + 1):
             up = await self._connect(route)
@@ -513,17 +525,17 @@ class HttpConnection:
         client: h11.Connection,
         exchange: _Exchange,
         up: Upstream,
-        upstream_req: h11.Request,
+        upstream_req: bytes,
         limit: BodyLimit,
     ) -> None:
         # Replaying is safe only when the backend cannot have acted on the request: it
         # closed a pooled connection before a byte of response, and the method is
         # idempotent, and there is no body we have already consumed.
         stale_ok = up.reused and not exchange.has_body and exchange.request.method in _IDEMPOTENT
+        if exchange.request.method == b"HEAD":
+            up.reader.no_body_expected()
         try:
             await self._send_up(up, upstream_req)
-            if not exchange.has_body:
-                await self._send_up(up, h11.EndOfMessage())
         except _UpstreamBroken as exc:
             if stale_ok:
                 raise _Stale from exc
@@ -580,14 +592,15 @@ class HttpConnection:
                     self.metrics.child(self.metrics.bytes, self.listener.label, "in").inc(
                         len(event.data)
                     )
-                    await self._send_up(up, h11.Data(data=event.data))
+                    await self._send_up(up, chunk(event.data) if exchange.chunked else event.data)
                 elif isinstance(event, h11.EndOfMessage):
                     # Before the last write, not after: a backend that answers at once
                     # would otherwise find the body "unfinished" and the client's
                     # keep-alive connection would be closed for nothing (a race seen
                     # once in ~200 small chunked requests).
                     exchange.body_done = True
-                    await self._send_up(up, h11.EndOfMessage())
+                    if exchange.chunked:
+                        await self._send_up(up, LAST_CHUNK)
                     return
         except _UpstreamBroken:
             # The backend stopped taking the body: it may be answering already (413, 401),
@@ -626,8 +639,8 @@ class HttpConnection:
         self, client: h11.Connection, exchange: _Exchange, up: Upstream, stale_ok: bool
     ) -> None:
         timeout = exchange.route.config.read_timeout.seconds
-        response, rest = await self._relay_heads(client, exchange, up, stale_ok, timeout)
-        headers = downstream_response_headers(response)
+        response = await self._relay_heads(client, exchange, up, stale_ok, timeout)
+        headers = client_response_headers(response.status, response.headers)
         # A backend may answer before the request body is all sent (nginx's `return`
         # does). The rest of the body will not be read once the response is done, so
         # this connection cannot carry another request: say so now, not by a bare close.
@@ -635,41 +648,38 @@ class HttpConnection:
         if self.session.closing is not None or unfinished_body:
             headers.append((b"Connection", b"close"))
         exchange.response_started = True
-        exchange.status = response.status_code
-        # What h11 has ready is written together: head, body and end of a small response
+        exchange.status = response.status
+        # What is ready is written together: head, body and end of a small response
         # leave in one TLS record and one syscall, not three. Before waiting for the
         # backend, and past FLUSH_BYTES, the buffer goes out, so nothing is held back
         # and memory stays bounded.
-        out = bytearray(
-            client.send(
-                h11.Response(
-                    status_code=response.status_code, headers=headers, reason=response.reason
-                )
+        try:
+            head = h11.Response(
+                status_code=response.status, headers=headers, reason=response.reason
             )
-            or b""
-        )
-        if rest:  # h11 takes b"" to mean EOF
-            up.conn.receive_data(rest)
+        except h11.LocalProtocolError as exc:
+            raise BadGateway("backend sent a malformed response") from exc
+        out = bytearray(client.send(head) or b"")
         bytes_out = self.metrics.child(self.metrics.bytes, self.listener.label, "out")
+        reader = up.reader
         while True:
-            try:
-                event = up.conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise BadGateway("backend response body was malformed or cut short") from exc
-            if event is h11.NEED_DATA:
+            event = reader.next_event()
+            if event is NEED_DATA:
                 if out:
                     await self._write_client(out)
                     out.clear()
-                up.conn.receive_data(await self._receive_up(up, timeout))
-            elif isinstance(event, h11.Data):
-                bytes_out.inc(len(event.data))
-                exchange.bytes_out += len(event.data)
-                out += client.send(h11.Data(data=event.data)) or b""
+                reader.receive_data(await self._receive_up(up, timeout))
+            elif isinstance(event, Body):
+                size = len(event.data)
+                bytes_out.inc(size)
+                exchange.bytes_out += size
+                out += client.send(h11.Data(data=bytes(event.data))) or b""
                 if len(out) >= FLUSH_BYTES:
                     await self._write_client(out)
                     out.clear()
-            elif isinstance(event, h11.EndOfMessage):
+            elif event is END:
                 out += client.send(h11.EndOfMessage()) or b""
+                up.reusable = _keeps_alive(exchange, response)
                 await self._write_client(out)
                 return
             else:
@@ -682,62 +692,61 @@ class HttpConnection:
         up: Upstream,
         stale_ok: bool,
         timeout: float,
-    ) -> tuple[h11.Response, bytes]:
-        """Relay informational (1xx) heads; return the final head and the bytes after it."""
-        rest = b""
+    ) -> ResponseHead:
+        """Relay informational (1xx) heads; return the final head."""
+        reader = up.reader
         while True:
-            head = await self._read_upstream_head(exchange, up, rest, timeout, stale_ok)
+            event = await self._read_upstream_head(exchange, up, timeout, stale_ok)
             stale_ok = False
-            up.conn.receive_data(head.raw)
-            try:
-                event = up.conn.next_event()
-                if not isinstance(event, h11.InformationalResponse | h11.Response):
-                    raise BadGateway("backend sent no response")
-                validate_response(head.raw, event)
-            except h11.RemoteProtocolError as exc:
-                raise BadGateway("backend sent a malformed response") from exc
-            rest = head.rest
-            if isinstance(event, h11.Response):
-                return event, rest
-            if event.status_code == 101:
-                if exchange.websocket and is_websocket_accept(event):
-                    raise _Switch(event, rest)
+            if event.status >= 200:
+                return event
+            if event.status == 101:
+                if exchange.websocket and accepts_websocket(event.status, event.headers):
+                    raise _Switch(event, reader.trailing_data[0])
                 raise BadGateway("backend switched protocols without a WebSocket upgrade")
-            if event.status_code == 100 and exchange.sent_100:
+            if reader.next_event() is not END:  # a 1xx ends with its head
+                raise BadGateway("backend sent a malformed response")
+            reader.start_next_cycle()
+            if event.status == 100 and exchange.sent_100:
                 continue
             if exchange.request.http_version == b"1.0":
                 continue  # RFC 9110 §15.2: no 1xx to an HTTP/1.0 client
-            info = h11.InformationalResponse(
-                status_code=event.status_code,
-                headers=downstream_response_headers(event),
-                reason=event.reason,
-            )
+            try:
+                info = h11.InformationalResponse(
+                    status_code=event.status,
+                    headers=client_response_headers(event.status, event.headers),
+                    reason=event.reason,
+                )
+            except h11.LocalProtocolError as exc:
+                raise BadGateway("backend sent a malformed response") from exc
             await self._send_client(client, info)
 
     async def _read_upstream_head(
-        self, exchange: _Exchange, up: Upstream, rest: bytes, timeout: float, stale_ok: bool
-    ) -> Head:
-        reader = HeadReader(max_bytes=MAX_RESPONSE_HEAD, response=True)
-        if rest and (head := reader.feed(rest)) is not None:
-            return head
+        self, exchange: _Exchange, up: Upstream, timeout: float, stale_ok: bool
+    ) -> ResponseHead:
+        reader = up.reader
         sending = exchange.pumping
         deadline = math.inf if sending else trio.current_time() + timeout
         with trio.CancelScope(deadline=deadline) as clock:
             if sending:
                 exchange.head_clock = clock  # the body pump starts it when it is done
             while True:
+                event = reader.next_event()
+                if isinstance(event, ResponseHead):
+                    return event
+                if event is not NEED_DATA:
+                    raise BadGateway("backend sent no response")
                 try:
                     data = await up.stream.receive_some(RECEIVE_SIZE)
                 except _STREAM_ERRORS as exc:
-                    if stale_ok and not reader.buffered:
+                    if stale_ok and reader.untouched:
                         raise _Stale from exc
                     raise BadGateway("backend connection failed") from exc
                 if not data:
-                    if stale_ok and not reader.buffered:
+                    if stale_ok and reader.untouched:
                         raise _Stale
                     raise BadGateway("backend closed the connection without a response")
-                if (head := reader.feed(bytes(data))) is not None:
-                    return head
+                reader.receive_data(bytes(data))
         raise GatewayTimeout("backend did not answer in time")
 
     async def _receive_up(self, up: Upstream, timeout: float) -> bytes:
@@ -748,16 +757,14 @@ class HttpConnection:
                 raise BadGateway("backend connection failed mid-response") from exc
         raise GatewayTimeout("backend stalled mid-response")
 
-    async def _send_up(self, up: Upstream, event: Any) -> None:
-        data = up.conn.send(event)
-        if data:
-            with trio.move_on_after(self.listener.idle_timeout.seconds):
-                try:
-                    await up.stream.send_all(data)
-                except _STREAM_ERRORS as exc:
-                    raise _UpstreamBroken("backend connection failed") from exc
-                return
-            raise GatewayTimeout("backend stopped reading the request")
+    async def _send_up(self, up: Upstream, data: bytes | memoryview) -> None:
+        with trio.move_on_after(self.listener.idle_timeout.seconds):
+            try:
+                await up.stream.send_all(data)
+            except _STREAM_ERRORS as exc:
+                raise _UpstreamBroken("backend connection failed") from exc
+            return
+        raise GatewayTimeout("backend stopped reading the request")
 
     async def _send_client(self, client: h11.Connection, event: Any) -> None:
         data = client.send(event)
@@ -772,6 +779,22 @@ class HttpConnection:
                 raise _ClientGone from exc
             return
         raise _ClientGone
+
+
+def _keeps_alive(exchange: _Exchange, response: ResponseHead) -> bool:
+    """May the backend connection carry another request after this exchange?
+
+    As h11 decided it: the request went out whole, the response is HTTP/1.1, neither
+    side said ``Connection: close``, and the body was not delimited by the close.
+    """
+    if exchange.has_body and not exchange.body_done:
+        return False
+    if response.version != b"1.1" or b"close" in connection_tokens(response.headers):
+        return False
+    framing = response.framing
+    delimited = framing.chunked or framing.content_length is not None
+    bodiless = exchange.request.method == b"HEAD" or response.status in (204, 304)
+    return delimited or bodiless
 
 
 def _has_body(framing: Framing) -> bool:

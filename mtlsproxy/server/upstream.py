@@ -28,15 +28,16 @@ from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
 
-import h11
 import trio
 from OpenSSL import SSL
 
 from mtlsproxy.address import Address
+from mtlsproxy.relay.h1 import MessageReader
 from mtlsproxy.tls.backend import BackendFiles
 from mtlsproxy.tls.engine import HandshakeError, TLSStream
 
 IDLE_SECONDS = 4.0
+MAX_RESPONSE_HEAD = 64 * 1024
 MAX_IDLE_PER_BACKEND = 64
 _DOWN_MIN, _DOWN_MAX = 1.0, 10.0
 
@@ -68,7 +69,13 @@ class Upstream:
     stream: trio.abc.Stream
     fileno: int
     tls_context: SSL.Context | None = None  # what it was made with
-    conn: h11.Connection = field(default_factory=lambda: h11.Connection(h11.CLIENT))
+    # The backend's responses, read by llhttp (relay.h1); one per connection.
+    reader: MessageReader = field(
+        default_factory=lambda: MessageReader(response=True, max_head=MAX_RESPONSE_HEAD)
+    )
+    # Set by the exchange when it ended cleanly on both sides: the request sent whole,
+    # the response read to its end, and the backend did not ask to close.
+    reusable: bool = False
     reused: bool = False
     idle_since: float = 0.0
     private: bool = False  # carries one client's PROXY header: never back to the pool
@@ -176,16 +183,16 @@ class UpstreamPool:
 
     def release(self, up: Upstream) -> bool:
         """Keep ``up`` for reuse if its exchange ended cleanly; False means: close it."""
-        conn = up.conn
-        if up.private or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+        if up.private or not up.reusable:
             return False
-        data, closed = conn.trailing_data
+        data, closed = up.reader.trailing_data
         if data or closed:
             return False  # bytes after the response (a confused backend), or EOF
         idle = self._idle[up.backend]
         if len(idle) >= MAX_IDLE_PER_BACKEND:
             return False
-        conn.start_next_cycle()
+        up.reader.start_next_cycle()
+        up.reusable = False
         up.idle_since = trio.current_time()
         idle.append(up)
         return True
