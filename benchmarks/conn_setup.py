@@ -30,6 +30,7 @@ import trio
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
 
 from mtlsproxy import config  # noqa: E402
 from mtlsproxy.pki import CertificateAuthority  # noqa: E402
@@ -37,21 +38,8 @@ from mtlsproxy.server.proxy import Proxy  # noqa: E402
 
 LOADGEN = HERE / "loadgen" / "loadgen"
 
-BACKEND = """
-worker_processes 1;
-pid {work}/backend.pid;
-error_log {work}/backend-error.log warn;
-events {{ worker_connections 8192; }}
-http {{
-    access_log off;
-    client_body_temp_path {work}/backend-tmp;
-    server {{
-        listen 127.0.0.1:{port};
-        keepalive_requests 10000000;
-        location / {{ return 200 "ok\\n"; }}
-    }}
-}}
-"""
+# The same nginx backend as make bench's (its "/" answers "ok" at once).
+from bench import NGINX_BACKEND  # noqa: E402
 
 
 def free_port() -> int:
@@ -143,7 +131,9 @@ def main() -> int:
         ca.issue(kind="client", name="bench-client").write(work / "client")
         (work / "backend-tmp").mkdir()
         backend = free_port()
-        (work / "backend.conf").write_text(BACKEND.format(work=work, port=backend))
+        (work / "backend.conf").write_text(
+            NGINX_BACKEND.format(work=work, backend=backend, backend_sink=free_port())
+        )
         nginx = subprocess.Popen(
             ["taskset", "-c", args.load_core, "nginx", "-c", str(work / "backend.conf"),
              "-g", "daemon off;"], stdout=subprocess.DEVNULL,
