@@ -16,8 +16,10 @@ One request at a time (pipelined requests wait in the buffer, in order):
    for this identity, check the declared body size. Every refusal is a short response
    and a closed connection.
 3. **Forward.** The request sent upstream is rebuilt from parsed fields
-   (``relay.headers``). The request body and the response relay run concurrently, so a
-   backend that answers before reading the whole body is relayed, and backpressure
+   (``relay.headers``) and written by ``relay.h1``; the backend's answer is read by the
+   upstream connection's ``relay.h1.MessageReader`` (llhttp): no h11 on that leg. The
+   request body and the response relay run concurrently, so a backend that answers
+   before reading the whole body is relayed, and backpressure
    flows both ways: we read from one side only as fast as the other side takes it.
 4. **Finish.** The client connection is reused when both sides of the exchange ended
    cleanly and nobody asked to close; the upstream connection goes back to the pool
