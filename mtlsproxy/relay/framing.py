@@ -57,9 +57,14 @@ MAX_HEAD_BYTES = 16 * 1024
 _MAX_CL_DIGITS = 18  # below 2**63; h11 caps at 20, a body that size is refused anyway
 
 _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
-_FIELD_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
+# The syntax of a field value and of a request target, for every parser's fields
+# (h11's here, llhttp's in relay.h1): VCHAR, obs-text, SP and HTAB; printable ASCII.
+FIELD_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
+TARGET = re.compile(rb"[\x21-\x7e]+")
 _REQUEST_LINE = re.compile(
-    rb"(?P<method>[-!#$%&'*+.^_`|~0-9A-Za-z]+) (?P<target>[\x21-\x7e]+) HTTP/(?P<version>\d\.\d)"
+    rb"(?P<method>[-!#$%&'*+.^_`|~0-9A-Za-z]+) (?P<target>"
+    + TARGET.pattern
+    + rb") HTTP/(?P<version>\d\.\d)"
 )
 _STATUS_LINE = re.compile(
     rb"HTTP/(?P<version>\d\.\d) (?P<status>\d{3})(?: [\t\x20-\x7e\x80-\xff]*)?"
@@ -237,7 +242,7 @@ def _parse(
         if not _TOKEN.fullmatch(name):
             raise error("malformed header field name")
         value = value.strip(b" \t")
-        if not _FIELD_VALUE.fullmatch(value):
+        if not FIELD_VALUE.fullmatch(value):
             raise error("control character in header field value")
         headers.append((name.lower(), value))
     return _Parsed(start, headers)

@@ -37,17 +37,21 @@ the reader's work: the bytes after it (``trailing_data``) are the new protocol's
 
 from __future__ import annotations
 
-import re
 from typing import Final
 
 import llhttp
 
 from mtlsproxy.relay.errors import BadGateway, BadRequest, HeadersTooLarge, HttpError
-from mtlsproxy.relay.framing import MAX_HEAD_BYTES, Framing, request_framing, response_framing
+from mtlsproxy.relay.framing import (
+    FIELD_VALUE,
+    MAX_HEAD_BYTES,
+    TARGET,
+    Framing,
+    request_framing,
+    response_framing,
+)
 
 Headers = list[tuple[bytes, bytes]]
-_FIELD_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
-_TARGET = re.compile(rb"[\x21-\x7e]+")
 
 
 class _NeedData:
@@ -277,7 +281,7 @@ class MessageReader:
         raw = [(name, bytes(value).strip(b" \t")) for name, value in parser.fields]
         lowered = [(name.lower(), value) for name, value in raw]
         for _, value in lowered:
-            if not _FIELD_VALUE.fullmatch(value):  # llhttp's rule too: kept as a floor
+            if not FIELD_VALUE.fullmatch(value):  # llhttp's rule too: kept as a floor
                 raise self._error(BadRequest, "control character in header field value")
         version = b"%d.%d" % (parser.major, parser.minor)  # type: ignore[attr-defined]
         self._state = _BODY
@@ -294,7 +298,7 @@ class MessageReader:
             return head
         method: bytes = parser.method.encode("ascii")  # type: ignore[attr-defined]
         target = bytes(parser.url)
-        if not _TARGET.fullmatch(target):
+        if not TARGET.fullmatch(target):
             raise BadRequest("malformed start line")
         framing = request_framing(method, target, version, lowered)
         return RequestHead(method, target, version, raw, framing)
