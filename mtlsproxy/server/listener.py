@@ -19,7 +19,6 @@ import socket
 from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 
 import trio
 
@@ -66,33 +65,9 @@ class ListenerRuntime:
     limit: trio.Semaphore
     # Made once: every session refers to this string, not a copy of its own.
     label: str = field(init=False)
-    # This listener's labelled metric children, looked up once (``_children``), not on
-    # every connection.
-    children: _Children | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.label = self.config.label
-
-
-class _Children:
-    """The metric children every connection of one listener touches."""
-
-    __slots__ = ("active", "handshake_seconds", "handshakes", "metrics", "remaining")
-
-    def __init__(self, metrics: Metrics, label: str) -> None:
-        self.metrics = metrics
-        self.active = metrics.child(metrics.active_connections, label)
-        self.handshake_seconds = metrics.child(metrics.handshake_seconds, label)
-        self.remaining = metrics.child(metrics.client_cert_remaining, label)
-        # (result, resumed) -> the counter; the results are a small fixed set.
-        self.handshakes: dict[tuple[str, bool], Any] = {}
-
-
-def _children(runtime: ListenerRuntime, metrics: Metrics) -> _Children:
-    found = runtime.children
-    if found is None or found.metrics is not metrics:
-        found = runtime.children = _Children(metrics, runtime.label)
-    return found
 
 
 async def accept_loop(
@@ -122,7 +97,7 @@ async def _connection(runtime: ListenerRuntime, stream: trio.SocketStream, share
     peer = peer_name(stream.socket)
     label = runtime.label
     try:
-        with _children(runtime, shared.metrics).active.track_inprogress():
+        with shared.metrics.child(shared.metrics.active_connections, label).track_inprogress():
             admitted = await _admit(runtime, stream, shared, peer)
             if admitted is not None:
                 # Served in this frame, not one more coroutine deep: an idle connection
@@ -180,7 +155,7 @@ async def _admit(
         log.info("listener %s: refused %s: %s (%s)", label, peer, exc.reason, exc.detail)
         return None
     finally:
-        _children(runtime, metrics).handshake_seconds.observe(trio.current_time() - started)
+        metrics.child(metrics.handshake_seconds, label).observe(trio.current_time() - started)
     session = None
     try:
         session = _verdict(runtime, tls, shared, peer)
@@ -217,15 +192,10 @@ def _verdict(runtime: ListenerRuntime, tls: TLSStream, shared: Shared, peer: str
         # A tcp listener has no request to answer 403 to: its allow rules act here.
         result = "denied"
     reused = tls.session_reused
-    children = _children(runtime, metrics)
-    counter = children.handshakes.get((result, reused))
-    if counter is None:
-        counter = children.handshakes[result, reused] = metrics.child(
-            metrics.handshakes, label, result, "true" if reused else "false"
-        )
-    counter.inc()
+    metrics.child(metrics.handshakes, label, result, "true" if reused else "false").inc()
     if result == "ok":
-        children.remaining.observe((identity.not_after - now).total_seconds())
+        remaining = (identity.not_after - now).total_seconds()
+        metrics.child(metrics.client_cert_remaining, label).observe(remaining)
     else:
         log.info("listener %s: refused %s (%s): %s", label, peer, identity.name, result)
         if runtime.config.mode != "http" or result not in ("expired", "denied"):
