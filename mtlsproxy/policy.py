@@ -55,31 +55,61 @@ def standing(
     return None
 
 
+class Allow:
+    """A route's allow rules with their values normalized once, at load: what a request
+    asks is then only comparisons (``rule_matches`` is the same rule, for one rule)."""
+
+    __slots__ = ("_rules",)
+
+    def __init__(self, rules: Sequence[AllowRule]) -> None:
+        self._rules = tuple(_Normalized(rule) for rule in rules)
+
+    def admits(self, identity: Identity) -> bool:
+        return any(rule.matches(identity) for rule in self._rules)
+
+
+class _Normalized:
+    __slots__ = ("cn", "dns", "ou", "sha256", "uri", "uri_prefix")
+
+    def __init__(self, rule: AllowRule) -> None:
+        self.cn = rule.cn
+        self.ou = rule.ou
+        self.dns = None if rule.dns is None else _dns(rule.dns)
+        self.uri = rule.uri
+        self.uri_prefix = rule.uri_prefix
+        self.sha256 = None if rule.sha256 is None else _sha256(rule.sha256)
+
+    def matches(self, identity: Identity) -> bool:
+        # The config refuses a rule with no field; should one get here anyway, it
+        # matches nothing: an empty conjunction must not mean "everyone".
+        given = (self.cn, self.ou, self.dns, self.uri, self.uri_prefix, self.sha256)
+        if all(value is None for value in given):
+            return False
+        prefix = self.uri_prefix
+        return (
+            (self.cn is None or identity.cn == self.cn)
+            and (self.ou is None or self.ou in identity.ous)
+            and (self.dns is None or any(_dns(d) == self.dns for d in identity.dns))
+            and (self.uri is None or self.uri in identity.uris)
+            and (prefix is None or any(_under(uri, prefix) for uri in identity.uris))
+            and (self.sha256 is None or identity.sha256 == self.sha256)
+        )
+
+
+def _dns(name: str) -> str:
+    return name.lower().rstrip(".")
+
+
+def _sha256(value: str) -> str:
+    return value.lower().removeprefix("sha256:").replace(":", "")
+
+
 def is_allowed(rules: Sequence[AllowRule] | None, identity: Identity) -> bool:
-    if rules is None:
-        return True
-    return any(rule_matches(rule, identity) for rule in rules)
+    return rules is None or Allow(rules).admits(identity)
 
 
 def rule_matches(rule: AllowRule, identity: Identity) -> bool:
-    checks: list[bool] = []
-    if rule.cn is not None:
-        checks.append(identity.cn == rule.cn)
-    if rule.ou is not None:
-        checks.append(rule.ou in identity.ous)
-    if rule.dns is not None:
-        want = rule.dns.lower().rstrip(".")
-        checks.append(any(d.lower().rstrip(".") == want for d in identity.dns))
-    if rule.uri is not None:
-        checks.append(rule.uri in identity.uris)
-    if rule.uri_prefix is not None:
-        checks.append(any(_under(uri, rule.uri_prefix) for uri in identity.uris))
-    if rule.sha256 is not None:
-        want = rule.sha256.lower().removeprefix("sha256:").replace(":", "")
-        checks.append(identity.sha256 == want)
-    # The config refuses a rule with no field; should one get here anyway, it matches
-    # nothing: an empty conjunction must not mean "everyone".
-    return bool(checks) and all(checks)
+    return _Normalized(rule).matches(identity)
 
 
 def _under(uri: str, prefix: str) -> bool:

@@ -37,6 +37,7 @@ the reader's work: the bytes after it (``trailing_data``) are the new protocol's
 
 from __future__ import annotations
 
+import re
 from typing import Final
 
 import llhttp
@@ -52,6 +53,8 @@ from mtlsproxy.relay.framing import (
 )
 
 Headers = list[tuple[bytes, bytes]]
+# RFC 9112 §4: reason-phrase = 1*( HTAB / SP / VCHAR / obs-text ); relayed, so checked.
+_REASON = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
 
 
 class _NeedData:
@@ -125,8 +128,20 @@ class _Callbacks:
         self.in_value = False
         self.head_done = False
         self.done = False
+        self.bad_version = False
+        self.begun = False  # a byte of the message itself (not a CRLF before it) was taken
         self.pieces: list[memoryview] = []
         self.finishing = False
+
+    def on_message_begin(self) -> None:
+        self.begun = True
+
+    def on_version_complete(self) -> None:
+        # Before llhttp goes on: it takes the HTTP/2 preface (``PRI * HTTP/2.0``) as the
+        # start of a connection it would then wait on forever. Refused in _execute.
+        if (self.major, self.minor) not in ((1, 0), (1, 1)):  # type: ignore[attr-defined]
+            self.bad_version = True
+            self.pause()  # type: ignore[attr-defined]
 
     # llhttp may split any span across two reads: every span is appended to.
     def on_url(self, data: memoryview) -> None:
@@ -216,9 +231,10 @@ class MessageReader:
 
     @property
     def untouched(self) -> bool:
-        """Not a byte of the current message received yet (a stale keep-alive connection
-        that closes now has said nothing, so its request may be replayed)."""
-        return self._state == _HEAD and self._head_bytes == 0 and self.buffered == 0
+        """Not a byte of the current message received yet, empty lines aside (a stale
+        keep-alive connection that closes now has said nothing, so its request may be
+        replayed; a client that is between requests is idle)."""
+        return self._state == _HEAD and not self._parser.begun and self.buffered == 0
 
     def no_body_expected(self) -> None:
         """The next response answers a HEAD request: it ends with its head."""
@@ -273,6 +289,10 @@ class MessageReader:
         except llhttp.Error as exc:
             raise self._translate(exc) from None
         self._pos += taken
+        if parser.bad_version:
+            if self._response:
+                raise BadGateway("backend HTTP version not supported")
+            raise BadRequest("HTTP version not supported")
         if parser.is_paused:  # type: ignore[attr-defined]
             parser.unpause()  # type: ignore[attr-defined]
 
@@ -289,7 +309,10 @@ class MessageReader:
         if self._response:
             status: int = parser.status  # type: ignore[attr-defined]
             framing = response_framing(version, status, lowered)
-            head = ResponseHead(status, bytes(parser.reason), version, raw, framing)
+            reason = bytes(parser.reason)
+            if not _REASON.fullmatch(reason):
+                raise self._error(BadRequest, "malformed status line")
+            head = ResponseHead(status, reason, version, raw, framing)
             self._informational = status < 200
             if status == 101:
                 self._state = _DONE  # what follows is the new protocol's: trailing_data
@@ -306,7 +329,7 @@ class MessageReader:
     def _at_eof(self) -> Event:
         parser = self._parser
         if self._state == _HEAD:
-            if self._head_bytes == 0:
+            if not parser.begun:
                 return PAUSED  # closed between messages: a clean end
             raise self._error(BadRequest, "connection closed inside a message head")
         parser.finishing = True

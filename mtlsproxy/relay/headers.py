@@ -1,10 +1,12 @@
-"""The header lists sent upstream and back downstream, built from h11's parsed fields.
+"""The header lists sent upstream and back downstream, built from parsed fields.
 
 Theory of operation: the proxy never copies header bytes from one side to the other. It
-takes h11's parsed event (already checked by ``framing``), drops what belongs to one hop
-or claims to come from a proxy, and adds its own forwarding headers. The client's
-Transfer-Encoding never passes: a chunked request gets a fresh ``chunked`` of ours, and
-h11 re-frames responses itself (chunked, or close-delimited for an HTTP/1.0 client).
+takes the parsed head (``relay.h1``, already checked by ``framing``), drops what belongs
+to one hop or claims to come from a proxy, and adds its own forwarding headers. The
+client's Transfer-Encoding never passes: a chunked request gets a fresh ``chunked`` of
+ours, and ``relay.exchange`` frames responses itself (chunked, or close-delimited for an
+HTTP/1.0 client). The functions over h11 events are the same rules, kept for the tests
+that use h11 as the oracle.
 
 Dropped on every request (RFC 9110 §7.6.1, plus what proxies actually abuse):
 
@@ -32,11 +34,14 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
-
-import h11
+from typing import TYPE_CHECKING
 
 from mtlsproxy.identity import Identity
+from mtlsproxy.relay.h1 import RequestHead
 from mtlsproxy.relay.xfcc import format_xfcc
+
+if TYPE_CHECKING:
+    import h11
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -76,15 +81,31 @@ def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes
     return frozenset(tokens)
 
 
-def is_websocket_upgrade(request: h11.Request) -> bool:
+class _FromH11:
+    """An h11 request in the shape of ``RequestHead``, for the oracle tests."""
+
+    __slots__ = ("headers", "method", "version")
+
+    def __init__(self, request: h11.Request) -> None:
+        self.method = request.method
+        self.version = request.http_version
+        self.headers = list(request.headers.raw_items())
+
+
+def _head(request: RequestHead | _FromH11 | h11.Request) -> RequestHead | _FromH11:
+    return request if isinstance(request, (RequestHead, _FromH11)) else _FromH11(request)
+
+
+def is_websocket_upgrade(request: RequestHead | _FromH11 | h11.Request) -> bool:
     """RFC 6455 §4.1: GET, HTTP/1.1, ``Upgrade: websocket``, ``Connection`` with upgrade."""
-    upgrades = [v for n, v in request.headers if n == b"upgrade"]
+    head = _head(request)
+    upgrades = [v for n, v in head.headers if n.lower() == b"upgrade"]
     return (
-        request.method == b"GET"
-        and request.http_version == b"1.1"
+        head.method == b"GET"
+        and head.version == b"1.1"
         and len(upgrades) == 1
         and upgrades[0].strip().lower() == b"websocket"
-        and b"upgrade" in connection_tokens(request.headers)
+        and b"upgrade" in connection_tokens(head.headers)
     )
 
 
@@ -122,7 +143,7 @@ def forwarding_headers(identity: Identity, client_ip: str, *, by: str | None = N
 
 
 def upstream_request_headers(
-    request: h11.Request,
+    request: RequestHead | h11.Request,
     identity: Identity,
     client_ip: str,
     *,
@@ -132,13 +153,17 @@ def upstream_request_headers(
 ) -> Headers:
     """Headers for the backend. ``by`` is the proxy's own URI SAN, for XFCC ``By=``;
     ``forwarding``: ``forwarding_headers`` of this connection, when already built."""
-    nominated = connection_tokens(request.headers)
+    head = _head(request)
+    nominated = connection_tokens(head.headers)
     host: bytes | None = None
+    chunked = False
     out: Headers = []
-    # raw_items() keeps the client's spelling of each name: some backends still
-    # look headers up case-sensitively. h11 has validated every name and value.
-    for raw_name, value in request.headers.raw_items():
+    # The client's spelling of each name is kept: some backends still look headers up
+    # case-sensitively. The parser has validated every name and value.
+    for raw_name, value in head.headers:
         name = raw_name.lower()
+        if name == b"transfer-encoding":
+            chunked = True
         if name == b"host":
             host = value
         # CGI-style servers (PHP-FPM, WSGI) read X_Forwarded_Client_Cert and
@@ -148,12 +173,11 @@ def upstream_request_headers(
         if _is_hop(folded, nominated) or folded in PROXY_OWNED:
             continue
         out.append((raw_name, value))
-    # h11 frames an outgoing *request* body only from the headers it is given (unlike a
-    # response, it never adds chunked by itself), so a chunked request needs the header
-    # back: ours, from the parsed framing, not the client's bytes.
-    if any(name == b"transfer-encoding" for name, _ in request.headers):
+    # A chunked request needs the header back: ours (framing allows only ``chunked``),
+    # not the client's bytes; its body goes up in chunks we frame.
+    if chunked:
         out.append((b"Transfer-Encoding", b"chunked"))
-    if allow_websocket and is_websocket_upgrade(request):
+    if allow_websocket and is_websocket_upgrade(head):
         out += [(b"Connection", b"Upgrade"), (b"Upgrade", b"websocket")]
     if forwarding is None:
         forwarding = forwarding_headers(identity, client_ip, by=by)
@@ -174,6 +198,8 @@ def upstream_request(
     by: str | None = None,
 ) -> h11.Request:
     """The Request event to send to the backend; always HTTP/1.1 on the upstream hop."""
+    import h11  # noqa: PLC0415  # the oracle's type; the proxy itself never builds one
+
     headers = upstream_request_headers(
         request, identity, client_ip, allow_websocket=allow_websocket, by=by
     )

@@ -30,7 +30,7 @@ from mtlsproxy.metrics import Metrics
 from mtlsproxy.policy import is_allowed
 from mtlsproxy.relay.routing import RouteTable
 from mtlsproxy.server.http import HttpConnection, RouteRuntime
-from mtlsproxy.server.tcp import TcpRoute, relay_tcp
+from mtlsproxy.server.tcp import TcpRoute, proxy_header, relay_tcp
 from mtlsproxy.server.upstream import UpstreamPool
 from mtlsproxy.sessions import Session, SessionRegistry, identity_verdict
 from mtlsproxy.tls.engine import HandshakeError, TLSStream
@@ -215,10 +215,11 @@ def _http_connection(
         listener=runtime.config,
         routes=runtime.routes,
         pool=shared.pool,
-        store=shared.store,
+        deny_list=shared.store.deny_list,
         metrics=shared.metrics,
         access=shared.access,
         client_ip=session.peer.rsplit(":", 1)[0].strip("[]"),
+        proxy_header=lambda: proxy_header(tls, session),
     )
 
 

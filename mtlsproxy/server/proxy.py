@@ -25,6 +25,7 @@ from mtlsproxy.admin import Admin
 from mtlsproxy.config import Config, Listener
 from mtlsproxy.errors import ConfigError, MtlsProxyError
 from mtlsproxy.metrics import Expiry, Metrics
+from mtlsproxy.policy import Allow
 from mtlsproxy.relay.errors import RouteError
 from mtlsproxy.relay.routing import RoundRobin, Route, RouteTable
 from mtlsproxy.server.http import RouteRuntime
@@ -301,7 +302,8 @@ def listener_runtime(
             label = route.name or f"{route.host or '*'}{route.path_prefix}"
             files = backend_files(route, config) if route.tls else None
             targets = [Target(b, files, route.tls_server_name) for b in route.backends]
-            runtime = RouteRuntime(j, label, route, RoundRobin(targets))
+            allow = None if route.allow is None else Allow(route.allow)
+            runtime = RouteRuntime(j, label, route, RoundRobin(targets), allow)
             if route.allow is None:
                 log.info(
                     "route %s (%s): no allow rules, admits every client certificate from client_ca",

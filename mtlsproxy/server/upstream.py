@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import select
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
 
@@ -81,6 +81,8 @@ class Upstream:
     private: bool = False  # carries one client's PROXY header: never back to the pool
 
     def looks_alive(self) -> bool:
+        if self.fileno < 0:
+            return True  # not a socket (a pool's own connect function): its reads will tell
         # poll, not select: select() cannot take a descriptor above 1023, and a busy
         # proxy has those.
         poller = select.poll()
@@ -103,12 +105,27 @@ class _Health:
         self.backoff = min(self.backoff * 2, _DOWN_MAX)
 
 
+Connect = Callable[[Target], Awaitable[trio.abc.Stream]]
+
+
+async def open_tcp(backend: Target) -> trio.SocketStream:
+    address = backend.address
+    return await trio.open_tcp_stream(address.host, address.port)
+
+
 class UpstreamPool:
     """``tls_context`` gives the current client context for a route's TLS files (the
-    credential store's); a pool without TLS backends needs none."""
+    credential store's); a pool without TLS backends needs none. ``connect`` opens the
+    byte stream to a backend (TCP; a test hands out in-memory streams)."""
 
-    def __init__(self, tls_context: Callable[[BackendFiles], SSL.Context] | None = None) -> None:
+    def __init__(
+        self,
+        tls_context: Callable[[BackendFiles], SSL.Context] | None = None,
+        *,
+        connect: Connect = open_tcp,
+    ) -> None:
         self._tls_context = tls_context
+        self._open = connect
         self._idle: defaultdict[Target, list[Upstream]] = defaultdict(list)
         self._health: defaultdict[Target, _Health] = defaultdict(_Health)
 
@@ -160,12 +177,14 @@ class UpstreamPool:
         address = backend.address
         with trio.move_on_after(timeout) as scope:
             try:
-                tcp = await trio.open_tcp_stream(address.host, address.port)
+                tcp = await self._open(backend)
             except OSError as exc:
                 raise ConnectFailed(backend, exc.strerror or str(exc)) from exc
-            fileno = tcp.socket.fileno()
+            fileno = tcp.socket.fileno() if isinstance(tcp, trio.SocketStream) else -1
             if tls_context is None:
                 return Upstream(backend, tcp, fileno)
+            if not isinstance(tcp, trio.SocketStream):  # TLSStream reads its socket itself
+                raise ConnectFailed(backend, "TLS to a backend needs a socket")
             tls = TLSStream(
                 tcp,
                 tls_context,

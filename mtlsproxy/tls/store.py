@@ -66,6 +66,7 @@ from OpenSSL import SSL
 
 from mtlsproxy.certinfo import fingerprint
 from mtlsproxy.config import TLS
+from mtlsproxy.denylist import DenyList
 from mtlsproxy.errors import CredentialError
 from mtlsproxy.tls.backend import (
     BackendCredentials,
@@ -210,6 +211,10 @@ class CredentialStore:
 
     def current(self) -> Material:
         return self._material
+
+    def deny_list(self) -> DenyList:
+        """The deny list of the current material (what every request is checked against)."""
+        return self._material.credentials.deny
 
     def subscribe(
         self,

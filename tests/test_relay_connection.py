@@ -1,0 +1,453 @@
+"""HttpConnection and the pool over in-memory streams: the relay's decisions, no sockets.
+
+The client side is raw bytes in, raw bytes out; the backends are h11 servers (the oracle)
+on the other end of ``trio.testing.memory_stream_pair``; the pool connects through a
+function that hands out those streams. Timeouts run on trio's autojump clock, so a 60 s
+read timeout takes no wall time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+
+import h11
+import trio
+import trio.testing
+
+from mtlsproxy.accesslog import AccessLog
+from mtlsproxy.address import parse_address
+from mtlsproxy.config import Duration, Listener, Route
+from mtlsproxy.denylist import DenyList
+from mtlsproxy.identity import Identity
+from mtlsproxy.metrics import Metrics
+from mtlsproxy.relay.routing import RoundRobin, RouteTable
+from mtlsproxy.relay.routing import Route as TableRoute
+from mtlsproxy.server.http import HttpConnection, RouteRuntime
+from mtlsproxy.server.upstream import Target, UpstreamPool
+from mtlsproxy.sessions import Session
+
+NOW = datetime.now(UTC)
+IDENT = Identity(
+    subject="CN=player-1",
+    issuer="CN=CA",
+    cn="player-1",
+    ous=(),
+    dns=(),
+    ips=(),
+    uris=(),
+    spiffe_id=None,
+    serial="01",
+    sha256="ab" * 32,
+    not_before=NOW - timedelta(hours=1),
+    not_after=NOW + timedelta(hours=23),
+)
+BACKEND = parse_address("127.0.0.1:9")  # never dialled: the pool's connect is ours
+
+Handler = Callable[[h11.Request, bytes], Awaitable[tuple[int, list[tuple[bytes, bytes]], bytes]]]
+
+
+async def hello(request: h11.Request, body: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    payload = b"hello " + request.target + b" " + body
+    return 200, [(b"Content-Length", b"%d" % len(payload))], payload
+
+
+class Backends:
+    """h11 servers on memory streams; ``connect`` is the pool's way to reach them."""
+
+    def __init__(self, nursery: trio.Nursery, handler: Handler = hello) -> None:
+        self.nursery = nursery
+        self.handler = handler
+        self.connects = 0
+        self.requests: list[h11.Request] = []
+        self.streams: list[trio.abc.Stream] = []
+
+    async def connect(self, target: Target) -> trio.abc.Stream:
+        self.connects += 1
+        ours, theirs = trio.testing.memory_stream_pair()
+        self.streams.append(theirs)
+        self.nursery.start_soon(self.serve, theirs)
+        return ours
+
+    async def serve(self, stream: trio.abc.Stream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        try:
+            while True:
+                request, body = await self._request(conn, stream)
+                if request is None:
+                    return
+                self.requests.append(request)
+                status, headers, payload = await self.handler(request, body)
+                out = conn.send(h11.Response(status_code=status, headers=headers))
+                out += conn.send(h11.Data(data=payload)) if payload else b""
+                out += conn.send(h11.EndOfMessage())
+                await stream.send_all(out)
+                if conn.our_state is not h11.DONE:
+                    await stream.aclose()
+                    return
+                conn.start_next_cycle()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.RemoteProtocolError):
+            return  # the proxy closed on us: this connection is over
+
+    @staticmethod
+    async def _request(
+        conn: h11.Connection, stream: trio.abc.Stream
+    ) -> tuple[h11.Request | None, bytes]:
+        request, body = None, b""
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+            elif isinstance(event, h11.Request):
+                request = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                return request, body
+            else:  # ConnectionClosed
+                return None, b""
+
+
+def listener(**overrides: object) -> Listener:
+    fields: dict[str, object] = {
+        "listen": parse_address("127.0.0.1:0"),
+        "routes": [Route(backends=[BACKEND])],
+        "header_timeout": Duration("2s"),
+        "idle_timeout": Duration("5s"),
+    }
+    fields.update(overrides)
+    return Listener(**fields)  # type: ignore[arg-type]
+
+
+def routes(**overrides: object) -> RouteTable[RouteRuntime]:
+    config = Route(backends=[BACKEND], **overrides)  # type: ignore[arg-type]
+    runtime = RouteRuntime(0, "api", config, RoundRobin([Target(BACKEND)]), None)
+    return RouteTable([TableRoute(0, runtime)])
+
+
+class Proxy:
+    """One HttpConnection served over a memory stream; ``client`` is the client's end."""
+
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        backends: Backends,
+        *,
+        listen: Listener | None = None,
+        table: RouteTable[RouteRuntime] | None = None,
+        deny: DenyList = DenyList(),  # noqa: B008  # frozen: one instance is fine
+    ) -> None:
+        self.client, theirs = trio.testing.memory_stream_pair()
+        self.session = Session("mem", "192.0.2.7:4000", IDENT, "http", None)
+        self.pool = UpstreamPool(connect=backends.connect)
+        self.metrics = Metrics()
+        self.connection = HttpConnection(
+            theirs,
+            session=self.session,
+            listener=listen or listener(),
+            routes=table or routes(),
+            pool=self.pool,
+            deny_list=lambda: deny,
+            metrics=self.metrics,
+            client_ip="192.0.2.7",
+            access=AccessLog("off"),
+        )
+        self.ended = trio.Event()
+        self._server_end = theirs
+        nursery.start_soon(self._run)
+
+    async def _run(self) -> None:
+        try:
+            await self.connection.run()
+        finally:
+            await self._server_end.aclose()
+            self.ended.set()
+
+    async def send(self, data: bytes) -> None:
+        await self.client.send_all(data)
+
+    async def responses(self, count: int, *, method: bytes = b"GET") -> list[Response]:
+        """Read ``count`` whole responses (an h11 client parses them: the oracle)."""
+        conn = h11.Connection(h11.CLIENT)
+        # h11 needs to have "sent" the requests to parse their answers.
+        out: list[Response] = []
+        for _ in range(count):
+            conn.send(h11.Request(method=method, target="/", headers=[("Host", "a")]))
+            conn.send(h11.EndOfMessage())
+            response = Response()
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    with trio.fail_after(30):
+                        conn.receive_data(await self.client.receive_some(65536))
+                elif isinstance(event, h11.InformationalResponse):
+                    response.informational.append(event.status_code)
+                elif isinstance(event, h11.Response):
+                    response.status = event.status_code
+                    response.headers = list(event.headers)
+                elif isinstance(event, h11.Data):
+                    response.body += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+                else:
+                    raise AssertionError(event)
+            out.append(response)
+            if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+                conn.start_next_cycle()
+            else:
+                break
+        return out
+
+    async def read_all(self) -> bytes:
+        data = b""
+        with trio.fail_after(30):
+            while chunk := await self.client.receive_some(65536):
+                data += chunk
+        return data
+
+
+class Response:
+    def __init__(self) -> None:
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body = b""
+        self.informational: list[int] = []
+
+    def header(self, name: bytes) -> bytes | None:
+        return next((v for n, v in self.headers if n == name), None)
+
+
+GET = b"GET /%d HTTP/1.1\r\nHost: a\r\n\r\n"
+
+
+async def test_keep_alive_reuses_both_connections(nursery: trio.Nursery) -> None:
+    backends = Backends(nursery)
+    proxy = Proxy(nursery, backends)
+    for i in range(3):
+        await proxy.send(GET % i)
+        (answer,) = await proxy.responses(1)
+        assert (answer.status, answer.body) == (200, b"hello /%d " % i)
+    assert backends.connects == 1  # one backend connection, pooled between requests
+    assert not proxy.ended.is_set()
+
+
+async def test_pipelined_requests_are_answered_in_order(nursery: trio.Nursery) -> None:
+    backends = Backends(nursery)
+    proxy = Proxy(nursery, backends)
+    await proxy.send(b"".join(GET % i for i in range(4)))
+    answers = await proxy.responses(4)
+    assert [a.body for a in answers] == [b"hello /%d " % i for i in range(4)]
+
+
+async def test_the_backend_sees_our_forwarding_headers_not_the_clients(
+    nursery: trio.Nursery,
+) -> None:
+    backends = Backends(nursery)
+    proxy = Proxy(nursery, backends)
+    await proxy.send(
+        b"POST /x HTTP/1.1\r\nHost: a\r\nX-Forwarded-Client-Cert: forged\r\n"
+        b"X-Forwarded-For: 10.0.0.1\r\nExpect: 100-continue\r\nConnection: close\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n3;ext=1\r\nabc\r\n0\r\nTrailer: t\r\n\r\n"
+    )
+    (answer,) = await proxy.responses(1, method=b"POST")
+    assert answer.body == b"hello /x abc"
+    (seen,) = backends.requests
+    headers = dict(seen.headers)
+    assert headers[b"x-forwarded-for"] == b"192.0.2.7"
+    assert b"forged" not in headers[b"x-forwarded-client-cert"]
+    assert b"expect" not in headers and b"connection" not in headers
+
+
+async def test_a_stale_pooled_connection_is_replayed_for_get(nursery: trio.Nursery) -> None:
+    backends = Backends(nursery)
+    proxy = Proxy(nursery, backends)
+    await proxy.send(GET % 1)
+    await proxy.responses(1)
+    await backends.streams[0].aclose()  # the backend drops its idle keep-alive connection
+    await proxy.send(GET % 2)
+    (answer,) = await proxy.responses(1)
+    assert (answer.status, answer.body) == (200, b"hello /2 ")
+    assert backends.connects == 2
+
+
+async def test_a_stale_connection_is_not_replayed_for_post(nursery: trio.Nursery) -> None:
+    backends = Backends(nursery)
+    proxy = Proxy(nursery, backends)
+    await proxy.send(GET % 1)
+    await proxy.responses(1)
+    await backends.streams[0].aclose()
+    await proxy.send(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n")
+    answer = await proxy.read_all()
+    assert answer.startswith(b"HTTP/1.1 502 ")
+    assert backends.connects == 1
+
+
+async def test_100_continue_is_sent_before_the_body_is(nursery: trio.Nursery) -> None:
+    backends = Backends(nursery)
+    proxy = Proxy(nursery, backends)
+    await proxy.send(
+        b"PUT / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n"
+    )
+    with trio.fail_after(30):
+        first = await proxy.client.receive_some(65536)
+    assert first == b"HTTP/1.1 100 \r\n\r\n"
+    await proxy.send(b"body")
+    (answer,) = await proxy.responses(1, method=b"PUT")
+    assert answer.body == b"hello / body"
+
+
+async def test_1xx_reach_an_http11_client_not_an_http10_one(nursery: trio.Nursery) -> None:
+    async def hints(request: h11.Request, body: bytes) -> tuple[int, list, bytes]:
+        return 200, [(b"Content-Length", b"2")], b"ok"
+
+    backends = Backends(nursery, hints)
+
+    async def early_hints(stream: trio.abc.Stream) -> None:
+        await stream.receive_some(65536)
+        await stream.send_all(
+            b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        )
+
+    backends.serve = early_hints  # type: ignore[method-assign]
+    proxy = Proxy(nursery, backends)
+    await proxy.send(GET % 1)
+    (answer,) = await proxy.responses(1)
+    assert answer.informational == [103] and answer.body == b"ok"
+    old = Proxy(nursery, backends)
+    await old.send(b"GET / HTTP/1.0\r\nHost: a\r\n\r\n")
+    data = await old.read_all()
+    assert data.startswith(b"HTTP/1.1 200 OK\r\n") and b"103" not in data
+
+
+async def test_a_close_delimited_response_is_chunked_for_http11_and_closed_for_http10(
+    nursery: trio.Nursery,
+) -> None:
+    backends = Backends(nursery)
+
+    async def unsized(stream: trio.abc.Stream) -> None:
+        await stream.receive_some(65536)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\n\r\nall of it")
+        await stream.aclose()
+
+    backends.serve = unsized  # type: ignore[method-assign]
+    proxy = Proxy(nursery, backends)
+    await proxy.send(GET % 1)
+    (answer,) = await proxy.responses(1)
+    assert answer.header(b"transfer-encoding") == b"chunked" and answer.body == b"all of it"
+    await proxy.send(GET % 2)  # the client connection lives on
+    assert (await proxy.responses(1))[0].body == b"all of it"
+    old = Proxy(nursery, backends)
+    await old.send(b"GET / HTTP/1.0\r\nHost: a\r\n\r\n")
+    data = await old.read_all()
+    assert data == b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it"
+    await old.ended.wait()
+
+
+async def test_an_early_answer_closes_the_client_connection(nursery: trio.Nursery) -> None:
+    backends = Backends(nursery)
+
+    async def refuse_early(stream: trio.abc.Stream) -> None:
+        await stream.receive_some(65536)  # the head and a first piece of the body
+        await stream.send_all(b"HTTP/1.1 413 Too Large\r\nContent-Length: 0\r\n\r\n")
+
+    backends.serve = refuse_early  # type: ignore[method-assign]
+    proxy = Proxy(nursery, backends)
+    await proxy.send(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\nabc")
+    data = await proxy.read_all()
+    assert data.startswith(b"HTTP/1.1 413 ") and b"Connection: close\r\n" in data
+    await proxy.ended.wait()
+
+
+async def test_refusals_name_nothing_and_close(nursery: trio.Nursery) -> None:
+    backends = Backends(nursery)
+    denied = Proxy(nursery, backends, deny=DenyList(sha256=frozenset({IDENT.sha256})))
+    await denied.send(GET % 1)
+    data = await denied.read_all()
+    assert data.startswith(b"HTTP/1.1 403 ") and denied.session.closing == "denied"
+    smuggled = Proxy(nursery, backends)
+    await smuggled.send(
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    assert (await smuggled.read_all()).startswith(b"HTTP/1.1 400 ")
+    assert backends.connects == 0
+
+
+async def test_an_idle_connection_closes_quietly_when_the_session_is_asked_to(
+    nursery: trio.Nursery,
+) -> None:
+    backends = Backends(nursery)
+    proxy = Proxy(nursery, backends)
+    await proxy.send(GET % 1)
+    await proxy.responses(1)
+    await trio.testing.wait_all_tasks_blocked()
+    proxy.session.close("draining")
+    with trio.fail_after(30):
+        await proxy.ended.wait()
+    assert await proxy.read_all() == b""
+    assert proxy.connection.clean_end
+
+
+# ---- the clock: one deadline per exchange, moved by phase (autojump clock) ------------
+
+
+async def test_a_head_that_never_ends_is_408(nursery: trio.Nursery, autojump_clock: object) -> None:
+    proxy = Proxy(nursery, Backends(nursery))
+    await proxy.send(b"GET / HTTP/1.1\r\nHost: a\r\n")
+    started = trio.current_time()
+    data = await proxy.read_all()
+    assert data.startswith(b"HTTP/1.1 408 ")
+    assert 2 <= trio.current_time() - started < 3  # header_timeout, from the handshake's end
+
+
+async def test_a_backend_that_never_answers_is_504_after_read_timeout(
+    nursery: trio.Nursery, autojump_clock: object
+) -> None:
+    async def silent(stream: trio.abc.Stream) -> None:
+        await stream.receive_some(65536)
+        await trio.sleep_forever()
+
+    backends = Backends(nursery)
+    backends.serve = silent  # type: ignore[method-assign]
+    proxy = Proxy(nursery, backends, table=routes(read_timeout=Duration("7s")))
+    await proxy.send(GET % 1)
+    started = trio.current_time()
+    data = await proxy.read_all()
+    assert data.startswith(b"HTTP/1.1 504 ")
+    assert 7 <= trio.current_time() - started < 8
+
+
+async def test_the_response_head_clock_starts_when_the_body_is_sent(
+    nursery: trio.Nursery, autojump_clock: object
+) -> None:
+    """A slow upload is not a slow backend: read_timeout runs from the body's end."""
+    backends = Backends(nursery)
+    proxy = Proxy(nursery, backends, table=routes(read_timeout=Duration("3s")))
+    await proxy.send(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n")
+    for piece in (b"a", b"b", b"c", b"d", b"e"):  # 10 s in all: over read_timeout
+        await trio.sleep(2)
+        await proxy.send(piece)
+    (answer,) = await proxy.responses(1, method=b"POST")
+    assert answer.body == b"hello / abcde"
+
+
+async def test_a_stalled_body_is_408_and_a_stalled_response_is_cut(
+    nursery: trio.Nursery, autojump_clock: object
+) -> None:
+    proxy = Proxy(nursery, Backends(nursery))
+    await proxy.send(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nab")
+    assert (await proxy.read_all()).startswith(b"HTTP/1.1 408 ")  # idle_timeout: 5 s
+
+    async def trickle(stream: trio.abc.Stream) -> None:
+        await stream.receive_some(65536)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+        await trio.sleep_forever()
+
+    backends = Backends(nursery)
+    backends.serve = trickle  # type: ignore[method-assign]
+    cut = Proxy(nursery, backends, table=routes(read_timeout=Duration("4s")))
+    await cut.send(GET % 1)
+    started = trio.current_time()
+    data = await cut.read_all()
+    assert data.endswith(b"\r\n\r\nabc")  # the head and what came, then the close
+    assert 4 <= trio.current_time() - started < 5
