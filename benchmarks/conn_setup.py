@@ -110,7 +110,7 @@ listen = "127.0.0.1:0"
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mode", default="resumed", choices=["resumed", "full"])
+    parser.add_argument("--mode", default="resumed", choices=["resumed", "full", "keepalive"])
     parser.add_argument("--listener", default="http", choices=["http", "tcp"])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--duration", type=float, default=3.0)

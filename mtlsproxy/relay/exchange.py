@@ -70,7 +70,6 @@ from mtlsproxy.relay.headers import (
     Headers,
     accepts_websocket,
     client_response_headers,
-    connection_tokens,
     is_websocket_upgrade,
 )
 from mtlsproxy.relay.paths import canonical_target
@@ -144,8 +143,7 @@ class Exchange(Generic[T]):
         self.closing = closing  # the connection is asked to close after this exchange
         self.request = BODY if head.has_body else DONE
         self.response = WAIT
-        nominated = connection_tokens(head.headers)
-        self.keep_alive = head.version == b"1.1" and b"close" not in nominated
+        self.keep_alive = head.version == b"1.1" and b"close" not in head.connection
         expect = [v for n, v in head.headers if n.lower() == b"expect"]
         self._continue = (
             head.has_body
@@ -215,13 +213,14 @@ class Exchange(Generic[T]):
                 return b""  # our own 100 went out already
             if self.head.version == b"1.0":
                 return b""  # RFC 9110 §15.2: no 1xx to an HTTP/1.0 client
-            return response_head(status, head.reason, client_response_headers(status, head.headers))
+            headers = client_response_headers(status, head.headers, nominated=head.connection)
+            return response_head(status, head.reason, headers)
         self.response, self.status = BODY, status
         self._continue = False
         return response_head(status, head.reason, self._final_headers(head))
 
     def _final_headers(self, head: ResponseHead) -> Headers:
-        headers = client_response_headers(head.status, head.headers)
+        headers = client_response_headers(head.status, head.headers, nominated=head.connection)
         bodiless = head.status in (204, 304)
         close = self.closing or not self.keep_alive or self.request != DONE
         # The headers a GET would get (RFC 9110 §9.3.2), so a HEAD says the same.
@@ -258,7 +257,7 @@ class Exchange(Generic[T]):
         """May the backend connection carry another request (as h11 decided it)?"""
         if self.request != DONE or self.response != DONE:
             return False
-        if head.version != b"1.1" or b"close" in connection_tokens(head.headers):
+        if head.version != b"1.1" or b"close" in head.connection:
             return False
         framing = head.framing
         delimited = framing.chunked or framing.content_length is not None

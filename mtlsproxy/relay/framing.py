@@ -40,6 +40,7 @@ and TE on HTTP/1.0 by dropping CL and closing, we refuse both):
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -155,6 +156,16 @@ def translate_h11_error(exc: h11.ProtocolError, *, response: bool = False) -> Ht
 class _Parsed(NamedTuple):
     start: re.Match[bytes]
     headers: list[tuple[bytes, bytes]]  # lowercased names, trimmed values
+
+
+def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """The lowercased field names listed by every Connection header."""
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            tokens.update(t.strip(b" \t").lower() for t in value.split(b","))
+    tokens.discard(b"")
+    return frozenset(tokens)
 
 
 def validate_request(raw_head: bytes, request: h11.Request) -> Framing:

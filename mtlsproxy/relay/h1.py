@@ -48,6 +48,7 @@ from mtlsproxy.relay.framing import (
     MAX_HEAD_BYTES,
     TARGET,
     Framing,
+    connection_tokens,
     request_framing,
     response_framing,
 )
@@ -72,16 +73,24 @@ PAUSED: Final = _Paused()  # after End (or a 101): start_next_cycle before readi
 
 
 class RequestHead:
-    __slots__ = ("framing", "headers", "method", "target", "version")
+    __slots__ = ("connection", "framing", "headers", "method", "target", "version")
 
     def __init__(
-        self, method: bytes, target: bytes, version: bytes, headers: Headers, framing: Framing
+        self,
+        method: bytes,
+        target: bytes,
+        version: bytes,
+        headers: Headers,
+        framing: Framing,
+        *,
+        connection: frozenset[bytes] = frozenset(),
     ) -> None:
         self.method = method
         self.target = target
         self.version = version
         self.headers = headers  # the client's spelling of names; values trimmed
         self.framing = framing
+        self.connection = connection  # the Connection header's tokens, lowercased
 
     @property
     def has_body(self) -> bool:
@@ -89,16 +98,24 @@ class RequestHead:
 
 
 class ResponseHead:
-    __slots__ = ("framing", "headers", "reason", "status", "version")
+    __slots__ = ("connection", "framing", "headers", "reason", "status", "version")
 
     def __init__(
-        self, status: int, reason: bytes, version: bytes, headers: Headers, framing: Framing
+        self,
+        status: int,
+        reason: bytes,
+        version: bytes,
+        headers: Headers,
+        framing: Framing,
+        *,
+        connection: frozenset[bytes] = frozenset(),
     ) -> None:
         self.status = status
         self.reason = reason
         self.version = version
         self.headers = headers
         self.framing = framing
+        self.connection = connection
 
 
 class Body:
@@ -119,13 +136,12 @@ _HEAD, _BODY, _DONE = 0, 1, 2
 
 
 class _Callbacks:
-    """What llhttp tells us, gathered for the reader (a mixin of its parser classes)."""
+    """What llhttp tells us, gathered for the reader (a mixin of its parser classes).
+
+    Only the events: the head's fields are read from its bytes once llhttp has checked
+    them (a callback per span into Python cost twice llhttp's own parse)."""
 
     def _begin(self) -> None:
-        self.url = bytearray()
-        self.reason = bytearray()
-        self.fields: list[tuple[bytes, bytearray]] = []
-        self.in_value = False
         self.head_done = False
         self.done = False
         self.bad_version = False
@@ -142,28 +158,6 @@ class _Callbacks:
         if (self.major, self.minor) not in ((1, 0), (1, 1)):  # type: ignore[attr-defined]
             self.bad_version = True
             self.pause()  # type: ignore[attr-defined]
-
-    # llhttp may split any span across two reads: every span is appended to.
-    def on_url(self, data: memoryview) -> None:
-        self.url += data
-
-    def on_status(self, data: memoryview) -> None:
-        self.reason += data
-
-    def on_header_field(self, data: memoryview) -> None:
-        if self.head_done:
-            return  # a trailer field: dropped
-        if self.in_value or not self.fields:
-            self.fields.append((b"", bytearray()))
-            self.in_value = False
-        name, value = self.fields[-1]
-        self.fields[-1] = (name + bytes(data), value)
-
-    def on_header_value(self, data: memoryview) -> None:
-        if self.head_done:
-            return
-        self.in_value = True
-        self.fields[-1][1].extend(data)
 
     def on_headers_complete(self) -> None:
         self.head_done = True
@@ -191,8 +185,8 @@ class MessageReader:
     """Reads one message at a time from one direction of one connection."""
 
     __slots__ = (
-        "_buf", "_eof", "_head_bytes", "_informational", "_max_head", "_no_body", "_parser", "_pos",
-        "_response", "_state",
+        "_buf", "_eof", "_head_bytes", "_head_start", "_informational", "_max_head", "_no_body",
+        "_parser", "_pos", "_response", "_state",
     )  # fmt: skip
 
     def __init__(self, *, response: bool = False, max_head: int = MAX_HEAD_BYTES) -> None:
@@ -202,6 +196,7 @@ class MessageReader:
         self._parser._begin()
         self._buf = b""
         self._pos = 0
+        self._head_start = 0  # where the current head's bytes begin in _buf
         self._eof = False
         self._state = _HEAD
         self._head_bytes = 0
@@ -214,6 +209,11 @@ class MessageReader:
         """Bytes from the peer; ``b""`` means it closed its side."""
         if not data:
             self._eof = True
+        elif self._state == _HEAD:  # the head's bytes stay, to be read when it is complete
+            start = self._head_start
+            self._buf = self._buf[start:] + data if start < len(self._buf) else data
+            self._pos -= min(start, self._pos)
+            self._head_start = 0
         elif self._pos >= len(self._buf):
             self._buf, self._pos = data, 0
         else:
@@ -247,6 +247,7 @@ class MessageReader:
         self._parser._begin()
         self._state = _HEAD
         self._head_bytes = 0
+        self._head_start = self._pos
         # A 1xx answers a HEAD request too; the final response that follows has no body.
         self._no_body = self._no_body and self._informational
         self._informational = False
@@ -258,13 +259,13 @@ class MessageReader:
         if self._state == _DONE:
             return PAUSED
         while True:
+            if self._state == _HEAD and parser.head_done:
+                return self._head()  # first: a bodyless request may have ended with it
             if parser.pieces:
                 return Body(parser.pieces.pop(0))
             if parser.done:
                 self._state = _DONE
                 return END
-            if self._state == _HEAD and parser.head_done:
-                return self._head()
             if self._pos >= len(self._buf):
                 if self._state == _BODY:
                     self._execute()  # lets llhttp end a message that needs no more bytes
@@ -298,33 +299,43 @@ class MessageReader:
 
     def _head(self) -> RequestHead | ResponseHead:
         parser = self._parser
-        raw = [(name, bytes(value).strip(b" \t")) for name, value in parser.fields]
+        # llhttp has checked these bytes (CRLF only, no obs-fold, tokens, one colon rule),
+        # so plain splitting reads them exactly; empty lines before a request are skipped.
+        lines = self._buf[self._head_start : self._pos].lstrip(b"\r\n")[:-4].split(b"\r\n")
+        raw: Headers = []
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            raw.append((name, value.strip(b" \t")))
         lowered = [(name.lower(), value) for name, value in raw]
-        for _, value in lowered:
-            if not FIELD_VALUE.fullmatch(value):  # llhttp's rule too: kept as a floor
-                raise self._error(BadRequest, "control character in header field value")
+        # llhttp's rule too, kept as a floor; one match over all values (a class star).
+        if not FIELD_VALUE.fullmatch(b"".join([value for _, value in raw])):
+            raise self._error(BadRequest, "control character in header field value")
+        connection = connection_tokens(lowered)
         version = b"%d.%d" % (parser.major, parser.minor)  # type: ignore[attr-defined]
         self._state = _BODY
         head: RequestHead | ResponseHead
         if self._response:
             status: int = parser.status  # type: ignore[attr-defined]
             framing = response_framing(version, status, lowered)
-            reason = bytes(parser.reason)
+            start = lines[0].split(b" ", 2)
+            reason = start[2] if len(start) == 3 else b""
             if not _REASON.fullmatch(reason):
                 raise self._error(BadRequest, "malformed status line")
-            head = ResponseHead(status, reason, version, raw, framing)
+            head = ResponseHead(status, reason, version, raw, framing, connection=connection)
             self._informational = status < 200
             if status == 101:
                 self._state = _DONE  # what follows is the new protocol's: trailing_data
             elif self._no_body and status >= 200:
                 parser.done = True  # its body is empty whatever its headers say
             return head
-        method: bytes = parser.method.encode("ascii")  # type: ignore[attr-defined]
-        target = bytes(parser.url)
+        start = lines[0].split(b" ")
+        if len(start) != 3:
+            raise BadRequest("malformed start line")
+        method, target, _ = start
         if not TARGET.fullmatch(target):
             raise BadRequest("malformed start line")
         framing = request_framing(method, target, version, lowered)
-        return RequestHead(method, target, version, raw, framing)
+        return RequestHead(method, target, version, raw, framing, connection=connection)
 
     def _at_eof(self) -> Event:
         parser = self._parser

@@ -33,10 +33,10 @@ backend cannot tell which convention its proxy used, so we give it one address.)
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from mtlsproxy.identity import Identity
+from mtlsproxy.relay.framing import connection_tokens
 from mtlsproxy.relay.h1 import RequestHead
 from mtlsproxy.relay.xfcc import format_xfcc
 
@@ -71,25 +71,16 @@ PROXY_OWNED = frozenset(
 _PROTECTED = frozenset({b"host", b"content-length"})
 
 
-def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    """The lowercased field names listed by every Connection header."""
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            tokens.update(t.strip(b" \t").lower() for t in value.split(b","))
-    tokens.discard(b"")
-    return frozenset(tokens)
-
-
 class _FromH11:
     """An h11 request in the shape of ``RequestHead``, for the oracle tests."""
 
-    __slots__ = ("headers", "method", "version")
+    __slots__ = ("connection", "headers", "method", "version")
 
     def __init__(self, request: h11.Request) -> None:
         self.method = request.method
         self.version = request.http_version
         self.headers = list(request.headers.raw_items())
+        self.connection = connection_tokens(self.headers)
 
 
 def _head(request: RequestHead | _FromH11 | h11.Request) -> RequestHead | _FromH11:
@@ -105,7 +96,7 @@ def is_websocket_upgrade(request: RequestHead | _FromH11 | h11.Request) -> bool:
         and head.version == b"1.1"
         and len(upgrades) == 1
         and upgrades[0].strip().lower() == b"websocket"
-        and b"upgrade" in connection_tokens(head.headers)
+        and b"upgrade" in head.connection
     )
 
 
@@ -154,7 +145,7 @@ def upstream_request_headers(
     """Headers for the backend. ``by`` is the proxy's own URI SAN, for XFCC ``By=``;
     ``forwarding``: ``forwarding_headers`` of this connection, when already built."""
     head = _head(request)
-    nominated = connection_tokens(head.headers)
+    nominated = head.connection
     host: bytes | None = None
     chunked = False
     out: Headers = []
@@ -219,9 +210,17 @@ def downstream_response_headers(
     )
 
 
-def client_response_headers(status: int, headers: Headers, *, websocket: bool = False) -> Headers:
-    """``downstream_response_headers`` over a parsed head's fields (names in any case)."""
-    nominated = connection_tokens(headers)
+def client_response_headers(
+    status: int,
+    headers: Headers,
+    *,
+    websocket: bool = False,
+    nominated: frozenset[bytes] | None = None,
+) -> Headers:
+    """``downstream_response_headers`` over a parsed head's fields (names in any case);
+    ``nominated``: the head's Connection tokens, when known already."""
+    if nominated is None:
+        nominated = connection_tokens(headers)
     out: Headers = [(n, v) for n, v in headers if not _is_hop(n.lower(), nominated)]
     if websocket and accepts_websocket(status, headers):
         out += [(b"Connection", b"Upgrade"), (b"Upgrade", b"websocket")]

@@ -105,10 +105,6 @@ class _Stale(Exception):
     """A reused keep-alive connection died before the response began: safe to retry."""
 
 
-class _UpstreamBroken(BadGateway):
-    """Writing to the backend failed."""
-
-
 class _Switch(Exception):
     """The backend accepted a WebSocket upgrade: leave HTTP for the frame relay."""
 
@@ -206,6 +202,11 @@ class HttpConnection:
     def _arm(self, phase: int, timeout: float) -> None:
         self._phase = phase
         self._clock.deadline = trio.current_time() + timeout
+
+    def _unclock(self) -> None:
+        """Connecting has its own timeout (per backend tried): the exchange's clock waits."""
+        self._phase = _CONNECT
+        self._clock.deadline = math.inf
 
     def _timed_out(self) -> HttpError | None:
         """What the fired clock means in this phase (None: nothing to tell the client)."""
@@ -427,8 +428,6 @@ class HttpConnection:
         # (chunk framing, the body limit): what is refused is refused with nothing sent.
         upstream_req += self._buffered_body(exchange)
         for attempt in range(STALE_RETRIES + 1):
-            self._phase = _CONNECT
-            self._clock.deadline = math.inf  # connecting has its own timeout
             up = await self._connect(route)
             exchange.upstream = str(up.backend)
             started = trio.current_time()
@@ -477,7 +476,10 @@ class HttpConnection:
         for backend in candidates:
             try:
                 up = await self.pool.acquire(
-                    backend, connect_timeout=route.config.connect_timeout.seconds, fresh=header
+                    backend,
+                    connect_timeout=route.config.connect_timeout.seconds,
+                    fresh=header,
+                    before_connect=self._unclock,
                 )
             except ConnectFailed as exc:
                 self.metrics.child(
@@ -503,14 +505,19 @@ class HttpConnection:
         stale_ok = exchange.replayable(up.reused)
         if exchange.is_head:
             up.reader.no_body_expected()
+        whole = exchange.request == DONE  # the request goes out in this one write
+        if whole:  # the response head's clock runs from the hand-over: one arming
+            self._arm(_AWAIT_HEAD, exchange.route.config.read_timeout.seconds)
+        else:
+            self._arm(_SEND_UP, self.listener.idle_timeout.seconds)
         try:
-            await self._send_up(up, upstream_req)
-        except _UpstreamBroken as exc:
+            await up.stream.send_all(upstream_req)
+        except _STREAM_ERRORS as exc:
             if stale_ok:
                 raise _Stale from exc
-            raise
-        if exchange.request == DONE:  # one direction only: no second task to coordinate
-            await self._relay_response(exchange, up, stale_ok, pumping=False)
+            raise BadGateway("backend connection failed") from exc
+        if whole:  # one direction only: no second task to coordinate
+            await self._relay_response(exchange, up, stale_ok, pumping=False, armed=True)
             return
         if continue_head := exchange.continue_head():
             # Now, before the two tasks start: only one task may write to the client.
@@ -527,7 +534,9 @@ class HttpConnection:
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(capture, lambda: self._pump_body(exchange, up))
-                await capture(lambda: self._relay_response(exchange, up, False, pumping=True))
+                await capture(
+                    lambda: self._relay_response(exchange, up, False, pumping=True, armed=False)
+                )
                 nursery.cancel_scope.cancel()  # response done: stop reading a body nobody wants
         if errors:
             raise errors[0]
@@ -585,11 +594,20 @@ class HttpConnection:
         return event
 
     async def _relay_response(
-        self, exchange: Exchange[RouteRuntime], up: Upstream, stale_ok: bool, *, pumping: bool
+        self,
+        exchange: Exchange[RouteRuntime],
+        up: Upstream,
+        stale_ok: bool,
+        *,
+        pumping: bool,
+        armed: bool,
     ) -> None:
+        """The response, backend to client; ``armed``: the head's clock is set already."""
         reader = up.reader
         timeout = exchange.route.config.read_timeout.seconds
-        head, out = await self._relay_heads(exchange, up, stale_ok, timeout, pumping)
+        head, out = await self._relay_heads(
+            exchange, up, stale_ok, timeout, pumping=pumping, armed=armed
+        )
         # What is ready is written together: head, body and end of a small response
         # leave in one TLS record and one syscall. Before waiting for the backend, and
         # past FLUSH_BYTES, the buffer goes out, so nothing is held back and memory
@@ -626,13 +644,17 @@ class HttpConnection:
         up: Upstream,
         stale_ok: bool,
         timeout: float,
+        *,
         pumping: bool,
+        armed: bool,
     ) -> tuple[ResponseHead, bytes]:
         """Relay informational (1xx) heads; return the final head and its bytes."""
         reader = up.reader
         while True:
-            head = await self._upstream_head(exchange, up, stale_ok, timeout, pumping)
-            stale_ok = False
+            head = await self._upstream_head(
+                exchange, up, stale_ok, timeout, pumping=pumping, armed=armed
+            )
+            stale_ok = armed = False  # each later head has read_timeout of its own
             if self.session.closing is not None:  # asked while the backend was working
                 exchange.closing = True
             out = exchange.response_head(head)
@@ -653,16 +675,19 @@ class HttpConnection:
         up: Upstream,
         stale_ok: bool,
         timeout: float,
+        *,
         pumping: bool,
+        armed: bool,
     ) -> ResponseHead:
         reader = up.reader
         # The clock for the response head runs once the request is sent completely
         # (nginx's read/send split); while the body flows, the pump's stall clock applies.
-        self._phase = _AWAIT_HEAD
-        if pumping and exchange.request != DONE:
-            self._clock.deadline = math.inf  # the pump arms it when the body is sent
-        else:
-            self._clock.deadline = trio.current_time() + timeout
+        if not armed:
+            self._phase = _AWAIT_HEAD
+            if pumping and exchange.request != DONE:
+                self._clock.deadline = math.inf  # the pump arms it when the body is sent
+            else:
+                self._clock.deadline = trio.current_time() + timeout
         while True:
             event = reader.next_event()
             if isinstance(event, ResponseHead):
@@ -680,13 +705,6 @@ class HttpConnection:
                     raise _Stale
                 raise BadGateway("backend closed the connection without a response")
             reader.receive_data(bytes(data))
-
-    async def _send_up(self, up: Upstream, data: bytes) -> None:
-        self._arm(_SEND_UP, self.listener.idle_timeout.seconds)
-        try:
-            await up.stream.send_all(data)
-        except _STREAM_ERRORS as exc:
-            raise _UpstreamBroken("backend connection failed") from exc
 
     async def _write_client(self, data: bytes | bytearray) -> None:
         # Every caller arms the clock for what it waits on next: nothing to restore.

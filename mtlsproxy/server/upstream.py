@@ -79,16 +79,19 @@ class Upstream:
     reused: bool = False
     idle_since: float = 0.0
     private: bool = False  # carries one client's PROXY header: never back to the pool
+    _poller: select.poll | None = field(default=None, repr=False)
 
     def looks_alive(self) -> bool:
         if self.fileno < 0:
             return True  # not a socket (a pool's own connect function): its reads will tell
         # poll, not select: select() cannot take a descriptor above 1023, and a busy
-        # proxy has those.
-        poller = select.poll()
-        poller.register(self.fileno, select.POLLIN | select.POLLERR | select.POLLHUP)
+        # proxy has those. One poller per connection, made on first use: a check is
+        # then one syscall.
+        if self._poller is None:
+            self._poller = select.poll()
+            self._poller.register(self.fileno, select.POLLIN | select.POLLERR | select.POLLHUP)
         try:
-            return not poller.poll(0)
+            return not self._poller.poll(0)
         except OSError:
             return False
 
@@ -142,10 +145,16 @@ class UpstreamPool:
         return [min(backends, key=lambda b: self._health[b].down_until)]
 
     async def acquire(
-        self, backend: Target, *, connect_timeout: float, fresh: bool = False
+        self,
+        backend: Target,
+        *,
+        connect_timeout: float,
+        fresh: bool = False,
+        before_connect: Callable[[], None] | None = None,
     ) -> Upstream:
         """An idle keep-alive connection, or a new one; ``fresh``: always a new one (a raw
-        TCP session must never inherit a connection HTTP left in the pool)."""
+        TCP session must never inherit a connection HTTP left in the pool).
+        ``before_connect`` is called when a new connection is about to be opened."""
         idle = self._idle[backend]
         now = trio.current_time()
         context = self._context(backend)
@@ -156,6 +165,8 @@ class UpstreamPool:
                 up.reused = True
                 return up
             await discard(up)
+        if before_connect is not None:
+            before_connect()
         try:
             up = await self._connect(backend, context, connect_timeout)
         except ConnectFailed:
