@@ -88,6 +88,7 @@ _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
 
 # The phases of an exchange, for its one clock: what a deadline that fires means.
 _IDLE, _HEAD, _CONNECT, _SEND_UP, _AWAIT_HEAD, _READ_UP, _WRITE_CLIENT = range(7)
+_SLACK = 0.01  # a deadline may fire this much of its timeout late (see _arm)
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,7 @@ class HttpConnection:
         "_allowed",
         "_clock",
         "_connected",
+        "_current",
         "_forwarding",
         "_phase",
         "_reader",
@@ -178,6 +180,7 @@ class HttpConnection:
         self._reader = MessageReader(max_head=listener.max_header_size)
         self._clock = trio.CancelScope()
         self._phase = _IDLE
+        self._current: tuple[RequestHead | None, Exchange[RouteRuntime] | None, float] | None = None
         # Per connection, not per request: XFF, X-Forwarded-Proto and XFCC, and the
         # verdict of each route's allow rules on this identity.
         self._forwarding: Headers | None = None
@@ -186,26 +189,51 @@ class HttpConnection:
     async def run(self) -> None:
         self._connected = trio.current_time()  # the handshake has just ended
         self.clean_end = False
-        first = True
-        # A connection asked to close before its first request (its handshake finished
-        # during a drain) still gets that request answered, with Connection: close:
-        # closing it unanswered would look like a failure to the client.
-        while first or self.session.closing is None:
-            if not first:
-                self._reader.start_next_cycle()
-            if not await self._serve_one(first):
-                return
-            first = False
+        # The first head's clock starts at the end of the handshake.
+        deadline = self._connected + self.listener.header_timeout.seconds
+        self._clock = clock = trio.CancelScope(deadline=deadline)
+        self._phase = _IDLE
+        with clock:
+            first = True
+            # A connection asked to close before its first request (its handshake
+            # finished during a drain) still gets that request answered, with Connection:
+            # close: closing it unanswered would look like a failure to the client.
+            while first or self.session.closing is None:
+                if not first:
+                    self._reader.start_next_cycle()
+                if not await self._serve_one(first):
+                    break
+                first = False
+        self.session.idle_scope = None
+        if clock.cancelled_caught:
+            await self._expired()
 
     # ---- the clock -----------------------------------------------------------------
 
     def _arm(self, phase: int, timeout: float) -> None:
+        """Give the phase ``timeout`` from now. Lazily: the scope's deadline moves only
+        when it is earlier than wanted or more than 1% later, so a keep-alive request
+        usually moves no deadline at all (each move is a heap push in trio)."""
         self._phase = phase
-        self._clock.deadline = trio.current_time() + timeout
+        wanted = trio.current_time() + timeout
+        clock = self._clock
+        if not wanted <= clock.deadline <= wanted + timeout * _SLACK:
+            clock.deadline = wanted + timeout * _SLACK
 
-    def _unclock(self) -> None:
-        """Connecting has its own timeout (per backend tried): the exchange's clock waits."""
-        self._phase = _CONNECT
+    async def _expired(self) -> None:
+        """The clock fired: end the exchange in progress as its phase says."""
+        if self._phase == _IDLE:  # idle too long, or asked to close while idle
+            self.clean_end = self._reader.untouched
+            return
+        if self._current is None:
+            return  # it was being answered already
+        head, exchange, started = self._current
+        await self._conclude(head, exchange, self._timed_out(), started)
+
+    def _unclock(self, phase: int = _CONNECT) -> None:
+        """A phase with a timeout of its own (connecting, per backend tried; writing a
+        refusal): the connection's clock waits."""
+        self._phase = phase
         self._clock.deadline = math.inf
 
     def _timed_out(self) -> HttpError | None:
@@ -229,27 +257,25 @@ class HttpConnection:
         head: RequestHead | None = None
         error: HttpError | None = None
         started = 0.0
-        self._clock = clock = trio.CancelScope()
-        with clock:
-            try:
-                head = await self._read_head(first)
-                if head is not None:
-                    started = trio.current_time()
-                    exchange = self._admit(head)
-                    self._authorize(exchange)
-                    await self._forward(exchange)
-            except HttpError as exc:
-                error = exc
-            except _ClientGone:
-                pass
-        self.session.idle_scope = None
-        if clock.cancelled_caught:
-            if self._phase == _IDLE:  # idle too long, or asked to close while idle
-                self.clean_end = self._reader.untouched
-                return False
-            error = self._timed_out()
-        if head is None and error is None:
-            return False  # closed, or asked to close, between requests
+        self._current = (None, None, 0.0)  # what a timeout ends, should the clock fire
+        try:
+            head = await self._read_head(first)
+            if head is None:
+                self._current = None
+                return False  # closed, or asked to close, between requests
+            started = trio.current_time()
+            self._current = (head, None, started)
+            exchange = self._admit(head)
+            self._current = (head, exchange, started)
+            self._authorize(exchange)
+            await self._forward(exchange)
+        except HttpError as exc:
+            error = exc
+        except _ClientGone:
+            pass
+        self._current = None
+        if error is not None:
+            self._unclock(_WRITE_CLIENT)  # the refusal's write has a bound of its own
         return await self._conclude(head, exchange, error, started)
 
     async def _conclude(
@@ -289,8 +315,6 @@ class HttpConnection:
         reader, clock, session = self._reader, self._clock, self.session
         header_timeout = self.listener.header_timeout.seconds
         self._phase = _IDLE
-        if first:
-            clock.deadline = self._connected + header_timeout
         while True:
             event = reader.next_event()
             if isinstance(event, RequestHead):
@@ -303,12 +327,13 @@ class HttpConnection:
                     if session.closing is not None:
                         self.clean_end = True
                         return None
-                    clock.deadline = trio.current_time() + self.listener.idle_timeout.seconds
+                    self._arm(_IDLE, self.listener.idle_timeout.seconds)
                 session.idle_scope = clock
             elif self._phase == _IDLE:  # its first byte came: the head has a deadline now
-                self._phase = _HEAD
-                if not first:
-                    clock.deadline = trio.current_time() + header_timeout
+                if first:
+                    self._phase = _HEAD  # the handshake's deadline runs on
+                else:
+                    self._arm(_HEAD, header_timeout)
             try:
                 data = await self.stream.receive_some(RECEIVE_SIZE)
             except _STREAM_ERRORS as exc:
@@ -687,7 +712,7 @@ class HttpConnection:
             if pumping and exchange.request != DONE:
                 self._clock.deadline = math.inf  # the pump arms it when the body is sent
             else:
-                self._clock.deadline = trio.current_time() + timeout
+                self._arm(_AWAIT_HEAD, timeout)
         while True:
             event = reader.next_event()
             if isinstance(event, ResponseHead):
