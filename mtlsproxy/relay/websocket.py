@@ -58,6 +58,14 @@ class FrameScanner:
                 self._skip -= step
                 view = view[step:]
                 continue
+            if not self._header and len(view) >= 2:  # a whole header in view: no copy-in
+                length7 = view[1] & 0x7F
+                size = 2 + (4 if view[1] & 0x80 else 0)
+                size += 2 if length7 == 126 else 8 if length7 == 127 else 0
+                if len(view) >= size:
+                    self._frame(bytes(view[:size]))
+                    view = view[size:]
+                    continue
             need = self._header_length()
             take = min(need - len(self._header), len(view))
             self._header += view[:take]

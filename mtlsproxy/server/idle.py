@@ -20,8 +20,11 @@ class IdleClock:
     def __post_init__(self) -> None:
         self.touch()
 
-    def touch(self) -> None:
-        self.deadline = trio.current_time() + self.seconds
+    def touch(self) -> float:
+        """Something moved: the deadline starts again. Returns the time now."""
+        now = trio.current_time()
+        self.deadline = now + self.seconds
+        return now
 
     async def watch(self, scope: trio.CancelScope) -> None:
         while True:
