@@ -33,6 +33,7 @@ from OpenSSL import SSL
 
 from mtlsproxy.address import Address
 from mtlsproxy.relay.h1 import MessageReader
+from mtlsproxy.server.plainstream import PlainStream
 from mtlsproxy.tls.backend import BackendFiles
 from mtlsproxy.tls.engine import HandshakeError, TLSStream
 
@@ -193,7 +194,8 @@ class UpstreamPool:
                 raise ConnectFailed(backend, exc.strerror or str(exc)) from exc
             fileno = tcp.socket.fileno() if isinstance(tcp, trio.SocketStream) else -1
             if tls_context is None:
-                return Upstream(backend, tcp, fileno)
+                plain = PlainStream(tcp) if isinstance(tcp, trio.SocketStream) else tcp
+                return Upstream(backend, plain, fileno)
             if not isinstance(tcp, trio.SocketStream):  # TLSStream reads its socket itself
                 raise ConnectFailed(backend, "TLS to a backend needs a socket")
             tls = TLSStream(
