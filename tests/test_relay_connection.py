@@ -451,3 +451,28 @@ async def test_a_stalled_body_is_408_and_a_stalled_response_is_cut(
     data = await cut.read_all()
     assert data.endswith(b"\r\n\r\nabc")  # the head and what came, then the close
     assert 4 <= trio.current_time() - started < 5
+
+
+async def test_a_close_asked_while_the_backend_works_is_said_on_that_response(
+    nursery: trio.Nursery,
+) -> None:
+    """A drain or a revoked identity during an exchange: the answer still comes, and it
+    says Connection: close (the exchange reads the session's state at the response head)."""
+    answering = trio.Event()
+    release = trio.Event()
+
+    async def slow(request: h11.Request, body: bytes) -> tuple[int, list, bytes]:
+        answering.set()
+        await release.wait()
+        return 200, [(b"Content-Length", b"2")], b"ok"
+
+    proxy = Proxy(nursery, Backends(nursery, slow))
+    await proxy.send(GET % 1)
+    with trio.fail_after(30):
+        await answering.wait()
+    proxy.session.close("denied")
+    release.set()
+    (answer,) = await proxy.responses(1)
+    assert answer.body == b"ok" and answer.header(b"connection") == b"close"
+    with trio.fail_after(30):
+        await proxy.ended.wait()

@@ -1,18 +1,16 @@
 """Message framing, stricter than h11: what the proxy refuses before anything is forwarded.
 
 Theory of operation. Request smuggling lives in the gap between two parsers that read
-the same bytes differently, so the proxy does not let the gap exist:
+the same bytes differently, so the proxy does not let the gap exist: one parser, llhttp
+(``relay.h1``), reads both legs, and the rules below run once over the fields it parsed
+(``request_framing``, ``response_framing``), before anything is forwarded.
 
-1. ``HeadReader`` collects bytes up to the first CRLF CRLF under a hard cap (431 for a
-   request, 502 for a response). h11's ``max_incomplete_event_size`` is checked only
-   when h11 cannot yet produce an event, so it is not a cap on a head.
-2. The server feeds ``Head.raw`` to its h11 connection and gets the Request (or
-   Response) event; h11's own errors carry ``error_status_hint``.
-3. ``validate_request`` / ``validate_response`` parse the raw bytes again with the
-   rules below and compare the result with h11's event field by field. Anything h11
-   accepted leniently (bare LF, obs-fold, ``Content-Length: 1, 1``, duplicate equal
-   Content-Length) is refused here; any disagreement at all between the two parses is
-   refused too. Only then does ``Head.rest`` (body bytes) go to h11.
+The rest of this module is the oracle of ``tests/test_relay_h1.py``, the proxy's former
+path, kept so that every change of the reader is compared with it: ``HeadReader``
+collects a head under a hard cap, h11 parses it, and ``validate_request`` /
+``validate_response`` parse the raw bytes again with the same rules and require the two
+parses to agree field by field (``check_chunk_size`` bounds h11's chunk sizes). The
+proxy itself no longer calls them.
 
 Rules (RFC 9112, tightened; HAProxy's reg-tests/http-messaging/http_transfer_encoding.vtc
 is the oracle for Transfer-Encoding, where we are stricter still: HAProxy accepts CL+TE
