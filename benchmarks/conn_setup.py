@@ -92,6 +92,8 @@ listen = "127.0.0.1:0"
             "--concurrency", str(args.concurrency), "--duration", str(args.duration),
             "--warmup", "0",
         ]  # fmt: skip
+        if args.mode == "upload":  # as make bench's upload row: 1 MiB bodies
+            command += ["--body-size", str(2**20), "--path", "/upload"]
         runs = 1 if profile else args.runs
         for _ in range(runs + 1):  # the first is a warm-up
             started = cpu()
@@ -110,7 +112,9 @@ listen = "127.0.0.1:0"
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mode", default="resumed", choices=["resumed", "full", "keepalive"])
+    parser.add_argument(
+        "--mode", default="resumed", choices=["resumed", "full", "keepalive", "upload"]
+    )
     parser.add_argument("--listener", default="http", choices=["http", "tcp"])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--duration", type=float, default=3.0)

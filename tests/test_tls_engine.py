@@ -335,11 +335,11 @@ async def test_session_resumes_on_same_context_only(pki: Material, version: str)
 # ---- EOF, close_notify, half-close -------------------------------------------------
 
 
-def _client_then(port: int, ctx: ssl.SSLContext, how: str) -> None:
+def _client_then(port: int, ctx: ssl.SSLContext, how: str, payload: bytes = b"bye") -> None:
     raw = socket.create_connection(("127.0.0.1", port), timeout=5)
     tls = ctx.wrap_socket(raw, server_hostname="localhost")
     if how != "reset":
-        tls.sendall(b"bye")
+        tls.sendall(payload)
     if how == "close_notify":
         tls.unwrap().close()
     elif how == "eof":
@@ -357,11 +357,18 @@ def _client_then(port: int, ctx: ssl.SSLContext, how: str) -> None:
         tls.close()
 
 
+# Full records take a batching path (several records per receive_some): the same ends.
+BIG = bytes(range(256)) * 256 * 3 + b"tail"  # three full 16 KiB records and a bit
+
+
+@pytest.mark.parametrize("payload", [b"bye", BIG], ids=["small", "full-records"])
 @pytest.mark.parametrize(
     ("how", "outcome"),
     [("close_notify", "clean"), ("eof", "unclean"), ("reset", "broken")],
 )
-async def test_receive_after_peer_closes(pki: Material, how: str, outcome: str) -> None:
+async def test_receive_after_peer_closes(
+    pki: Material, how: str, outcome: str, payload: bytes
+) -> None:
     seen: list[tuple[str, object]] = []
     done = trio.Event()
 
@@ -379,12 +386,12 @@ async def test_receive_after_peer_closes(pki: Material, how: str, outcome: str) 
 
     async with serve(pki.server_context(), record) as server:
         ctx = stdlib_context(pki, pki.client)
-        await trio.to_thread.run_sync(_client_then, server.port, ctx, how)
+        await trio.to_thread.run_sync(_client_then, server.port, ctx, how, payload)
         with trio.fail_after(10):
             await done.wait()
     assert seen[0][0] == outcome, seen
     if outcome != "broken":
-        assert seen[0][1] == b"bye"  # data before the EOF is delivered, then b""
+        assert seen[0][1] == payload  # data before the EOF is delivered, then b""
 
 
 @pytest.mark.parametrize("version", ["1.2", "1.3"])

@@ -91,6 +91,15 @@ _IDLE, _HEAD, _CONNECT, _SEND_UP, _AWAIT_HEAD, _READ_UP, _WRITE_CLIENT = range(7
 _SLACK = 0.01  # a deadline may fire this much of its timeout late (see _arm)
 
 
+def _move(clock: trio.CancelScope, timeout: float) -> None:
+    """Give ``clock`` ``timeout`` from now, lazily: the deadline moves only when it is
+    earlier than wanted or more than ``_SLACK`` of the timeout later (each move is a
+    context manager and a heap push in trio), so it fires at most 1% late."""
+    wanted = trio.current_time() + timeout
+    if not wanted <= clock.deadline <= wanted + timeout * _SLACK:
+        clock.deadline = wanted + timeout * _SLACK
+
+
 @dataclass(frozen=True)
 class RouteRuntime:
     """A configured route with what serving it needs: its label, rotation and rules."""
@@ -211,14 +220,10 @@ class HttpConnection:
     # ---- the clock -----------------------------------------------------------------
 
     def _arm(self, phase: int, timeout: float) -> None:
-        """Give the phase ``timeout`` from now. Lazily: the scope's deadline moves only
-        when it is earlier than wanted or more than 1% later, so a keep-alive request
-        usually moves no deadline at all (each move is a heap push in trio)."""
+        """Give the phase ``timeout`` from now (``_move``: a keep-alive request usually
+        moves no deadline at all)."""
         self._phase = phase
-        wanted = trio.current_time() + timeout
-        clock = self._clock
-        if not wanted <= clock.deadline <= wanted + timeout * _SLACK:
-            clock.deadline = wanted + timeout * _SLACK
+        _move(self._clock, timeout)
 
     async def _expired(self) -> None:
         """The clock fired: end the exchange in progress as its phase says."""
@@ -582,7 +587,7 @@ class HttpConnection:
                         # the client's keep-alive connection would be closed for nothing.
                         out = exchange.request_end()
                     if out:
-                        clock.deadline = trio.current_time() + idle
+                        _move(clock, idle)
                         sending = True
                         try:
                             await up.stream.send_all(out)
@@ -607,7 +612,7 @@ class HttpConnection:
     async def _client_body_event(self, clock: trio.CancelScope, idle: float) -> Body | End:
         reader = self._reader
         while (event := reader.next_event()) is NEED_DATA:
-            clock.deadline = trio.current_time() + idle
+            _move(clock, idle)
             try:
                 data = await self.stream.receive_some(RECEIVE_SIZE)
             except _STREAM_ERRORS as exc:

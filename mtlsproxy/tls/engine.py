@@ -518,7 +518,10 @@ class TLSStream(trio.abc.HalfCloseableStream):
         conn = self._conn
         if not self._state & _PEER_EOF:
             if _lib.SSL_pending(conn._ssl) or self._sock.recv_into(_PEEK, 1, socket.MSG_PEEK):
-                return conn.recv(max_bytes)
+                data: bytes = conn.recv(max_bytes)
+                if len(data) == _MAX_RECORD < max_bytes:  # a stream of full records
+                    return self._more(data, max_bytes)
+                return data
             self._state |= _PEER_EOF
             _lib.SSL_set_options(conn._ssl, SSL.OP_IGNORE_UNEXPECTED_EOF)
         shut = conn.get_shutdown()
@@ -529,6 +532,24 @@ class TLSStream(trio.abc.HalfCloseableStream):
             # we sent (send_eof); without "sent", freeing the connection drops its session.
             conn.set_shutdown(shut | SSL.RECEIVED_SHUTDOWN)
             raise
+
+    def _more(self, first: bytes, max_bytes: int) -> bytes:
+        """``first`` was a full record: take the records already here too, up to
+        ``max_bytes``, so a body in flight is relayed in 64 KiB, not 16 KiB, pieces (a
+        quarter of the sends upstream and of the trips through the event loop). Stops at
+        anything but data (no data yet, EOF, an error): the next call meets it."""
+        conn, sock = self._conn, self._sock
+        parts, got = [first], len(first)
+        while got < max_bytes:
+            try:
+                if not (_lib.SSL_pending(conn._ssl) or sock.recv_into(_PEEK, 1, socket.MSG_PEEK)):
+                    break  # EOF: for the next call
+                more: bytes = conn.recv(max_bytes - got)
+            except (BlockingIOError, SSL.Error, OSError):
+                break
+            parts.append(more)
+            got += len(more)
+        return b"".join(parts)
 
     async def send_eof(self) -> None:
         if self._sending:
@@ -597,6 +618,7 @@ def _receive_size(max_bytes: int | None) -> int:
 
 
 _SHA256 = _lib.EVP_get_digestbyname(b"sha256")
+_MAX_RECORD = 16384  # the most plaintext one TLS record carries
 
 
 def _sha256_hex(cert: Any) -> str:
