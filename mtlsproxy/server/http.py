@@ -27,10 +27,13 @@ One request at a time (pipelined requests wait in the client's reader, in order)
    reused when the exchange says so; the upstream connection goes back to the pool under
    the same condition.
 
-**One clock per exchange.** Each exchange runs in one cancel scope whose deadline moves
-with the phase (``_Clock``): idle, head, sending upstream, waiting for the response
-head, reading the response, writing to the client. When it fires, the phase says what
-to answer. The request body's pump, a second task, has a clock of its own.
+**One clock.** A connection runs in one cancel scope whose deadline moves with the
+phase of the exchange in progress (``_arm``): idle, head, sending upstream, waiting for
+the response head, reading the response, writing to the client; connecting, which has
+its own timeout, parks it. It moves lazily (``_move``: at most 1% late), so a keep-alive
+request usually moves no deadline at all. When it fires, the connection ends and the
+phase says what the exchange in progress is answered. The request body's pump, a second
+task, has a clock of its own.
 
 Errors before the response started become an error response; after it started, the only
 honest signal left is closing the connection mid-body.
