@@ -424,6 +424,32 @@ async def test_half_close_keeps_the_other_direction(pki: Material, version: str)
             assert isinstance(result, TLSStream)
 
 
+async def test_close_notify_after_full_records_ends_the_stream_while_tcp_stays_open(
+    pki: Material,
+) -> None:
+    """Full records are taken several at a time; a close_notify met in that batch must
+    still end the stream on the next call, even though the peer keeps its TCP side open
+    (a half-close): it waits for our answer. (Fault: the batch swallowed the close_notify
+    and the next receive waited on an idle socket.)"""
+    payload = bytes(range(256)) * 64 * 2  # two full 16 KiB records
+
+    async def read_all_then_answer(tls: TLSStream) -> None:
+        await trio.sleep(0.2)  # the records and the close_notify are all queued first
+        data = b""
+        while chunk := await tls.receive_some(1 << 20):
+            data += chunk
+        assert tls.eof_was_clean
+        await tls.send_all(b"got %d" % len(data))
+
+    async with serve(pki.server_context(), read_all_then_answer) as server:
+        with trio.fail_after(10):
+            tls = await connect(server.port, client_context(pki))
+            await tls.send_all(payload)
+            await tls.send_eof()  # close_notify; TCP stays open, we keep reading
+            assert await tls.receive_some() == b"got %d" % len(payload)
+            await tls.aclose()
+
+
 async def test_trio_stream_conformance(pki: Material) -> None:
     # trio's own generic checks: concurrent-use detection, aclose semantics, send_eof...
     server_ctx, client_ctx = pki.server_context(), client_context(pki)

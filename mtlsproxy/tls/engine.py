@@ -159,8 +159,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
 
     # One per connection: no per-instance dict (trio's stream ABCs have slots too).
     __slots__ = (
-        "_close_timeout", "_conn", "_drain_timeout", "_eof_received", "_peer_sha256",
-        "_readable", "_receiving", "_sending", "_sock", "_state", "_writable",
+        "_close_timeout", "_conn", "_deferred", "_drain_timeout", "_eof_received",
+        "_peer_sha256", "_readable", "_receiving", "_sending", "_sock", "_state", "_writable",
     )  # fmt: skip
 
     def __init__(
@@ -197,6 +197,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._receiving = False
         self._sending = False
         self._eof_received: bool | None = None  # None: no EOF yet; else: was it clean?
+        # What ended a batch of records (_more) after data: the next receive raises it.
+        self._deferred: SSL.Error | OSError | None = None
 
     # ---- the one loop --------------------------------------------------------------
 
@@ -516,6 +518,9 @@ class TLSStream(trio.abc.HalfCloseableStream):
         Raises ``BlockingIOError`` when the socket has nothing to read: cheaper than letting
         OpenSSL find out (no SSL_read, no error queue, no second exception)."""
         conn = self._conn
+        if self._deferred is not None:
+            deferred, self._deferred = self._deferred, None
+            raise deferred
         if not self._state & _PEER_EOF:
             if _lib.SSL_pending(conn._ssl) or self._sock.recv_into(_PEEK, 1, socket.MSG_PEEK):
                 data: bytes = conn.recv(max_bytes)
@@ -537,15 +542,20 @@ class TLSStream(trio.abc.HalfCloseableStream):
         """``first`` was a full record: take the records already here too, up to
         ``max_bytes``, so a body in flight is relayed in 64 KiB, not 16 KiB, pieces (a
         quarter of the sends upstream and of the trips through the event loop). Stops at
-        anything but data (no data yet, EOF, an error): the next call meets it."""
+        anything but data: nothing more yet, a bare EOF (left in the socket), or what
+        OpenSSL raised (a close_notify it has consumed, an error), which is kept for the
+        next call to raise, after this data is delivered."""
         conn, sock = self._conn, self._sock
         parts, got = [first], len(first)
         while got < max_bytes:
             try:
                 if not (_lib.SSL_pending(conn._ssl) or sock.recv_into(_PEEK, 1, socket.MSG_PEEK)):
-                    break  # EOF: for the next call
+                    break  # a bare EOF: the next call's peek finds it again
                 more: bytes = conn.recv(max_bytes - got)
-            except (BlockingIOError, SSL.Error, OSError):
+            except (BlockingIOError, SSL.WantReadError, SSL.WantWriteError):
+                break
+            except (SSL.Error, OSError) as exc:
+                self._deferred = exc
                 break
             parts.append(more)
             got += len(more)
