@@ -8,6 +8,7 @@ read timeout takes no wall time.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
@@ -136,9 +137,13 @@ class Proxy:
         listen: Listener | None = None,
         table: RouteTable[RouteRuntime] | None = None,
         deny: DenyList = DenyList(),  # noqa: B008  # frozen: one instance is fine
+        wrap: Callable[[trio.abc.HalfCloseableStream, Session], trio.abc.HalfCloseableStream]
+        | None = None,
     ) -> None:
         self.client, theirs = trio.testing.memory_stream_pair()
         self.session = Session("mem", "192.0.2.7:4000", IDENT, "http", None)
+        if wrap is not None:
+            theirs = wrap(theirs, self.session)
         self.pool = UpstreamPool(connect=backends.connect)
         self.metrics = Metrics()
         self.connection = HttpConnection(
@@ -476,3 +481,115 @@ async def test_a_close_asked_while_the_backend_works_is_said_on_that_response(
     assert answer.body == b"ok" and answer.header(b"connection") == b"close"
     with trio.fail_after(30):
         await proxy.ended.wait()
+
+
+class CloseAsDataArrives(trio.abc.HalfCloseableStream):
+    """The proxy's end of the client connection; the session is asked to close in the
+    instant a second request's bytes are handed over (a drain racing a request)."""
+
+    def __init__(self, inner: trio.abc.HalfCloseableStream, session: Session) -> None:
+        self.inner = inner
+        self.session = session
+        self.receives = 0
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        data = await self.inner.receive_some(max_bytes)
+        self.receives += 1
+        if self.receives == 2 and data:
+            self.session.close("draining")  # after the data was taken, before we resume
+        return bytes(data)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_request_that_arrives_as_a_drain_begins_is_answered(
+    nursery: trio.Nursery,
+) -> None:
+    """Fault (review): the idle wait was the connection's own clock, so a drain in the same
+    instant as a request's bytes cancelled the request itself (an immediate 504)."""
+    backends = Backends(nursery)
+    proxy = Proxy(nursery, backends, wrap=CloseAsDataArrives)
+    await proxy.send(GET % 1)
+    await proxy.responses(1)
+    await proxy.send(GET % 2)
+    (answer,) = await proxy.responses(1)
+    assert (answer.status, answer.body) == (200, b"hello /2 ")
+    assert answer.header(b"connection") == b"close"
+    assert [r.target for r in backends.requests] == [b"/1", b"/2"]
+
+
+async def test_empty_lines_do_not_extend_the_idle_wait(
+    nursery: trio.Nursery, autojump_clock: object
+) -> None:
+    """Fault (review): every CRLF between requests started idle_timeout (5 s) again."""
+    proxy = Proxy(nursery, Backends(nursery))
+    await proxy.send(GET % 1)
+    await proxy.responses(1)
+    started = trio.current_time()
+    with trio.move_on_after(60):
+        while not proxy.ended.is_set():
+            await trio.sleep(4)
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await proxy.send(b"\r\n")
+    assert proxy.ended.is_set()
+    assert trio.current_time() - started < 9  # one idle_timeout, at the second CRLF's turn
+
+
+async def test_a_backend_connection_with_the_last_chunk_unwritten_is_not_pooled(
+    nursery: trio.Nursery,
+) -> None:
+    """Fault (review): the body was read whole, but its last chunk was still being written
+    when the backend's early answer ended the exchange; the connection went back to the
+    pool, and the next request on it would have been read as the rest of this body."""
+    backends = Backends(nursery)
+    got_chunk = trio.Event()
+
+    async def lockstep_connect(target: Target) -> trio.abc.Stream:
+        backends.connects += 1
+        ours, theirs = trio.testing.lockstep_stream_pair()  # a send waits for its reader
+        nursery.start_soon(answer_early, theirs)
+        return ours
+
+    async def answer_early(stream: trio.abc.Stream) -> None:
+        await stream.receive_some(65536)  # the head
+        await stream.receive_some(65536)  # the first chunk; the last one is never read
+        got_chunk.set()
+        await trio.testing.wait_all_tasks_blocked()  # the pump now waits on the last chunk
+        await stream.send_all(b"HTTP/1.1 401 No\r\nContent-Length: 0\r\n\r\n")
+        await trio.sleep_forever()
+
+    backends.connect = lockstep_connect  # type: ignore[method-assign]
+    proxy = Proxy(nursery, backends)
+    await proxy.send(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+    await trio.testing.wait_all_tasks_blocked()  # the head went up alone
+    await proxy.send(b"3\r\nabc\r\n0\r\n\r\n")
+    (answer,) = await proxy.responses(1, method=b"POST")
+    assert answer.status == 401 and got_chunk.is_set()
+    await trio.testing.wait_all_tasks_blocked()
+    assert sum(len(idle) for idle in proxy.pool._idle.values()) == 0  # not pooled
+
+
+async def test_a_status_below_100_is_502_not_a_crash(nursery: trio.Nursery) -> None:
+    """Found in review: llhttp takes "000" (status None) and "099"; the reader raised
+    TypeError for 000, which escaped the relay with no answer."""
+    for status in (b"000", b"099"):
+        backends = Backends(nursery)
+
+        async def bad(stream: trio.abc.Stream, status: bytes = status) -> None:
+            await stream.receive_some(65536)
+            await stream.send_all(b"HTTP/1.1 " + status + b" X\r\nContent-Length: 0\r\n\r\n")
+
+        backends.serve = bad  # type: ignore[method-assign]
+        proxy = Proxy(nursery, backends)
+        await proxy.send(GET % 1)
+        assert (await proxy.read_all()).startswith(b"HTTP/1.1 502 ")

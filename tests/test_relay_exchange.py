@@ -28,9 +28,9 @@ def response(raw: bytes, *, head_request: bool = False) -> ResponseHead:
 
 
 def exchange(raw: bytes, *, websocket: bool = False, closing: bool = False) -> Exchange[str]:
-    return Exchange(
-        request(raw), "route", target=b"/", websocket_allowed=websocket, closing=closing
-    )
+    ex = Exchange(request(raw), "route", target=b"/", websocket_allowed=websocket, closing=closing)
+    ex.sent = ex.request == DONE  # as the driver says once its one write went out
+    return ex
 
 
 GET = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
@@ -262,3 +262,20 @@ def test_replay_only_of_idempotent_bodiless_requests_on_a_stale_connection(
     raw: bytes, reused: bool, replay: bool
 ) -> None:
     assert exchange(raw).replayable(reused) is replay
+
+
+def test_a_request_read_whole_but_not_yet_written_whole_keeps_no_backend_connection() -> None:
+    """Fault (review): the last chunk was still being written when the response ended;
+    the connection went back to the pool without it, and the next request on it would
+    have been read as the rest of this body."""
+    ex = exchange(CHUNKED)
+    ex.request_body(memoryview(b"abc"))
+    ex.request_end()  # read whole: the client may keep its connection
+    head = response(SIZED)
+    ex.response_head(head)
+    ex.response_body(memoryview(b"ok"))
+    ex.response_end()
+    assert ex.client_reusable
+    assert not ex.backend_reusable(head)  # the driver has not said `sent`
+    ex.sent = True
+    assert ex.backend_reusable(head)

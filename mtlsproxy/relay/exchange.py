@@ -48,8 +48,8 @@ Decisions, read from the states:
   all read: the unread rest could not be told apart from a next request.
 - **Reuse**: the client connection carries another request only when both sides ended
   and no ``Connection: close`` went out; the backend connection only when the request went
-  out whole, the response was HTTP/1.1, neither side said close, and the response had a
-  delimited body (or none).
+  out whole (``sent``: its last byte written, not only read), the response was HTTP/1.1,
+  neither side said close, and the response had a delimited body (or none).
 - **Replay**: a request may be sent again on a new connection only when it went out on a
   reused keep-alive connection that the backend closed before a byte of response, has
   no body, and its method is idempotent (RFC 9110 §9.2.2).
@@ -122,8 +122,8 @@ class Exchange(Generic[T]):
 
     __slots__ = (
         "_chunk_out", "_close", "_continue", "_sent_continue", "body_limit", "bytes_in",
-        "bytes_out", "closing", "head", "keep_alive", "request", "response", "route", "status",
-        "target", "upstream", "websocket",
+        "bytes_out", "closing", "head", "keep_alive", "request", "response", "route", "sent",
+        "status", "target", "upstream", "websocket",
     )  # fmt: skip
 
     def __init__(
@@ -157,6 +157,10 @@ class Exchange(Generic[T]):
         self.bytes_in = 0
         self.bytes_out = 0
         self.upstream: str | None = None  # the backend it went to, for the access log
+        # Told by the driver: the whole request, its last byte included, was written to the
+        # backend. "Read whole" (request DONE) is not enough to reuse the connection: a
+        # last chunk still being written when the response ends would be missing.
+        self.sent = False
 
     # ---- the request side ----------------------------------------------------------
 
@@ -255,7 +259,7 @@ class Exchange(Generic[T]):
 
     def backend_reusable(self, head: ResponseHead) -> bool:
         """May the backend connection carry another request (as h11 decided it)?"""
-        if self.request != DONE or self.response != DONE:
+        if self.request != DONE or self.response != DONE or not self.sent:
             return False
         if head.version != b"1.1" or b"close" in head.connection:
             return False

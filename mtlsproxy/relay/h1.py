@@ -315,7 +315,9 @@ class MessageReader:
         self._state = _BODY
         head: RequestHead | ResponseHead
         if self._response:
-            status: int = parser.status  # type: ignore[attr-defined]
+            status = parser.status  # type: ignore[attr-defined]
+            if not isinstance(status, int) or status < 100:  # llhttp takes "000" and "099"
+                raise self._error(BadRequest, "malformed status line")
             framing = response_framing(version, status, lowered)
             start = lines[0].split(b" ", 2)
             reason = start[2] if len(start) == 3 else b""

@@ -145,6 +145,7 @@ class HttpConnection:
         "_current",
         "_forwarding",
         "_phase",
+        "_pumping",
         "_reader",
         "access",
         "clean_end",
@@ -192,6 +193,7 @@ class HttpConnection:
         self._reader = MessageReader(max_head=listener.max_header_size)
         self._clock = trio.CancelScope()
         self._phase = _IDLE
+        self._pumping = False  # the request body's pump runs: the response head waits
         self._current: tuple[RequestHead | None, Exchange[RouteRuntime] | None, float] | None = None
         # Per connection, not per request: XFF, X-Forwarded-Proto and XFCC, and the
         # verdict of each route's allow rules on this identity.
@@ -320,9 +322,10 @@ class HttpConnection:
         """One request head. The first one of a connection has one deadline from the end
         of the handshake: ``header_timeout`` for the whole head, its first byte included.
         Later ones wait up to ``idle_timeout`` for a first byte, then ``header_timeout``."""
-        reader, clock, session = self._reader, self._clock, self.session
+        reader, session = self._reader, self.session
         header_timeout = self.listener.header_timeout.seconds
         self._phase = _IDLE
+        idle_armed = False
         while True:
             event = reader.next_event()
             if isinstance(event, RequestHead):
@@ -331,28 +334,41 @@ class HttpConnection:
                 self.clean_end = True
                 return None
             if reader.untouched:  # between requests: the idle wait
-                if not first:
+                if not first and not idle_armed:  # once: empty lines do not extend it
                     if session.closing is not None:
                         self.clean_end = True
                         return None
                     self._arm(_IDLE, self.listener.idle_timeout.seconds)
-                session.idle_scope = clock
-            elif self._phase == _IDLE:  # its first byte came: the head has a deadline now
-                if first:
-                    self._phase = _HEAD  # the handshake's deadline runs on
-                else:
-                    self._arm(_HEAD, header_timeout)
-            try:
-                data = await self.stream.receive_some(RECEIVE_SIZE)
-            except _STREAM_ERRORS as exc:
-                # A reset between requests is a client hanging up (often one that never
-                # read the TLS 1.3 session tickets), not an error worth more than this.
-                log.debug("client %s: connection ended: %s", session.peer, exc)
-                data = b""
-            session.idle_scope = None  # a drain from now on lets this request finish
+                    idle_armed = True
+                # A scope of its own, for a drain or the enforcer to end the wait with:
+                # the connection's clock, once cancelled, could not serve a request that
+                # arrived in the same instant (it gets answered, with Connection: close).
+                with trio.CancelScope() as idle:
+                    session.idle_scope = idle
+                    data = await self._receive_or_eof()
+                session.idle_scope = None
+                if idle.cancelled_caught:
+                    self.clean_end = reader.untouched
+                    return None
+            else:
+                if self._phase == _IDLE:  # its first byte came: the head has a deadline now
+                    if first:
+                        self._phase = _HEAD  # the handshake's deadline runs on
+                    else:
+                        self._arm(_HEAD, header_timeout)
+                data = await self._receive_or_eof()
             if not data and not reader.untouched:
                 return None  # the client gave up half-way through a head
-            reader.receive_data(bytes(data))
+            reader.receive_data(data)
+
+    async def _receive_or_eof(self) -> bytes:
+        try:
+            return bytes(await self.stream.receive_some(RECEIVE_SIZE))
+        except _STREAM_ERRORS as exc:
+            # A reset between requests is a client hanging up (often one that never read
+            # the TLS 1.3 session tickets), not an error worth more than this.
+            log.debug("client %s: connection ended: %s", self.session.peer, exc)
+            return b""
 
     # ---- 2. decide -----------------------------------------------------------------
 
@@ -549,6 +565,7 @@ class HttpConnection:
             if stale_ok:
                 raise _Stale from exc
             raise BadGateway("backend connection failed") from exc
+        exchange.sent = whole
         if whole:  # one direction only: no second task to coordinate
             await self._relay_response(exchange, up, stale_ok, pumping=False, armed=True)
             return
@@ -565,12 +582,15 @@ class HttpConnection:
                     errors.append(exc)
                     both.cancel()
 
+            self._pumping = True  # now: the response side may look before the task runs
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(capture, lambda: self._pump_body(exchange, up))
                 await capture(
                     lambda: self._relay_response(exchange, up, False, pumping=True, armed=False)
                 )
                 nursery.cancel_scope.cancel()  # response done: stop reading a body nobody wants
+        if not exchange.sent:  # the pump was stopped before the body's last byte went out
+            up.reusable = False
         if errors:
             raise errors[0]
 
@@ -601,8 +621,10 @@ class HttpConnection:
                             return
                         sending = False
                     if event is END:
+                        exchange.sent = True
                         return
             finally:
+                self._pumping = False
                 # Sent completely, or the backend stopped taking it (it may be answering):
                 # either way, from now on the backend has read_timeout to answer.
                 if self._phase == _AWAIT_HEAD:
@@ -717,8 +739,8 @@ class HttpConnection:
         # (nginx's read/send split); while the body flows, the pump's stall clock applies.
         if not armed:
             self._phase = _AWAIT_HEAD
-            if pumping and exchange.request != DONE:
-                self._clock.deadline = math.inf  # the pump arms it when the body is sent
+            if pumping and self._pumping:
+                self._clock.deadline = math.inf  # the pump arms it when it stops
             else:
                 self._arm(_AWAIT_HEAD, timeout)
         while True:
