@@ -33,7 +33,9 @@ the response head, reading the response, writing to the client; connecting, whic
 its own timeout, parks it. It moves lazily (``_move``: at most 1% late), so a keep-alive
 request usually moves no deadline at all. When it fires, the connection ends and the
 phase says what the exchange in progress is answered. The request body's pump, a second
-task, has a clock of its own.
+task, has a clock of its own; the idle wait between requests has a scope of its own too,
+the one a drain or the enforcer cancels (``Session.idle_scope``): a cancelled scope
+cannot be used again, and a request arriving in that same instant must still be served.
 
 Errors before the response started become an error response; after it started, the only
 honest signal left is closing the connection mid-body.
