@@ -21,6 +21,14 @@ Content-Length refused), the project's rules run once over the parsed fields
 h11's parse before): versions, CONNECT, targets, exactly one well-formed Host,
 ``chunked`` as the only coding.
 
+**The fields come from the head's bytes.** llhttp only reports events here (begin,
+version, head complete, body, end); the head's bytes stay in the buffer until it is
+complete, and are then split on CRLF and the first colon. That is exact because llhttp
+has refused everything a split could read differently (bare CR or LF, obs-fold, white
+space before a colon, empty names), and it is half the cost of collecting every span
+through a Python callback. The HTTP/2 preface is refused at its version (llhttp would
+take it as a connection to wait on), and a status under 100 at the head.
+
 What llhttp is stricter about than h11: only the methods it knows are accepted (its
 table: the RFC 9110 ones, WebDAV, PATCH, PURGE, QUERY, ...); an extension method is
 refused with 400.
