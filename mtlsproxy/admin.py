@@ -40,7 +40,7 @@ from mtlsproxy.address import peer_name
 from mtlsproxy.certinfo import summarize
 from mtlsproxy.identity import Identity, IdentityError
 from mtlsproxy.metrics import Metrics
-from mtlsproxy.policy import is_allowed, standing
+from mtlsproxy.policy import Allow, standing
 from mtlsproxy.tls.engine import HandshakeError, TLSStream
 from mtlsproxy.tls.store import CredentialStore, ReloadResult
 
@@ -65,6 +65,8 @@ class Admin:
         self.metrics = metrics
         self.not_ready = not_ready  # None when ready, else the reason
         self.settings = settings or config.Admin()
+        # Normalized once (policy.Allow), not at every request.
+        self._allow = None if self.settings.allow is None else Allow(self.settings.allow)
         # Off loopback, Host names whatever the operator's tools use to reach us.
         self._loopback_hosts_only = self.settings.listen.is_loopback
 
@@ -132,7 +134,7 @@ class Admin:
             if reason == "expired":
                 return f"{identity.name}: certificate expired at {detail}"
             return f"{identity.name}: on the deny list ({detail})"
-        if not is_allowed(self.settings.allow, identity):
+        if self._allow is not None and not self._allow.admits(identity):
             return f"{identity.name}: no admin.allow rule matched"
         return None
 

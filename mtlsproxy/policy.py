@@ -69,7 +69,7 @@ class Allow:
 
 
 class _Normalized:
-    __slots__ = ("cn", "dns", "ou", "sha256", "uri", "uri_prefix")
+    __slots__ = ("cn", "dns", "empty", "ou", "sha256", "uri", "uri_prefix")
 
     def __init__(self, rule: AllowRule) -> None:
         self.cn = rule.cn
@@ -78,12 +78,13 @@ class _Normalized:
         self.uri = rule.uri
         self.uri_prefix = rule.uri_prefix
         self.sha256 = None if rule.sha256 is None else _sha256(rule.sha256)
+        given = (self.cn, self.ou, self.dns, self.uri, self.uri_prefix, self.sha256)
+        self.empty = all(value is None for value in given)
 
     def matches(self, identity: Identity) -> bool:
         # The config refuses a rule with no field; should one get here anyway, it
         # matches nothing: an empty conjunction must not mean "everyone".
-        given = (self.cn, self.ou, self.dns, self.uri, self.uri_prefix, self.sha256)
-        if all(value is None for value in given):
+        if self.empty:
             return False
         prefix = self.uri_prefix
         return (

@@ -10,17 +10,45 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mtlsproxy.identity import Identity
+from mtlsproxy.relay import headers as relay_headers
 from mtlsproxy.relay.framing import HeadReader, validate_request, validate_response
-from mtlsproxy.relay.headers import (
-    HOP_BY_HOP,
-    PROXY_OWNED,
-    connection_tokens,
-    downstream_response_headers,
-    is_websocket_upgrade,
-    upstream_request,
-    upstream_request_headers,
-)
+from mtlsproxy.relay.headers import HOP_BY_HOP, PROXY_OWNED, connection_tokens
 from mtlsproxy.relay.xfcc import format_xfcc, parse_xfcc
+
+
+# h11 is the oracle here: its events, adapted to the relay's parsed-head shape.
+class FromH11:
+    """An h11 request in the shape of ``relay.h1.RequestHead``."""
+
+    def __init__(self, request: h11.Request) -> None:
+        self.method = request.method
+        self.target = request.target
+        self.version = request.http_version
+        self.headers = list(request.headers.raw_items())
+        self.connection = connection_tokens(self.headers)
+
+
+def upstream_request_headers(request: h11.Request, *args: object, **kwargs: object) -> list:
+    return relay_headers.upstream_request_headers(FromH11(request), *args, **kwargs)  # type: ignore[arg-type]
+
+
+def is_websocket_upgrade(request: h11.Request) -> bool:
+    return relay_headers.is_websocket_upgrade(FromH11(request))  # type: ignore[arg-type]
+
+
+def upstream_request(request: h11.Request, *args: object, **kwargs: object) -> h11.Request:
+    """The Request event to send to the backend; always HTTP/1.1 on the upstream hop."""
+    headers = upstream_request_headers(request, *args, **kwargs)
+    return h11.Request(method=request.method, target=request.target, headers=headers)
+
+
+def downstream_response_headers(
+    response: h11.Response | h11.InformationalResponse, *, websocket: bool = False
+) -> list[tuple[bytes, bytes]]:
+    return relay_headers.client_response_headers(
+        response.status_code, list(response.headers.raw_items()), websocket=websocket
+    )
+
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 IDENT = Identity(

@@ -5,8 +5,8 @@ takes the parsed head (``relay.h1``, already checked by ``framing``), drops what
 to one hop or claims to come from a proxy, and adds its own forwarding headers. The
 client's Transfer-Encoding never passes: a chunked request gets a fresh ``chunked`` of
 ours, and ``relay.exchange`` frames responses itself (chunked, or close-delimited for an
-HTTP/1.0 client). The functions over h11 events are the same rules, kept for the tests
-that use h11 as the oracle.
+HTTP/1.0 client). The tests that use h11 as the oracle adapt its events to these
+functions themselves.
 
 Dropped on every request (RFC 9110 §7.6.1, plus what proxies actually abuse):
 
@@ -33,15 +33,11 @@ backend cannot tell which convention its proxy used, so we give it one address.)
 from __future__ import annotations
 
 import ipaddress
-from typing import TYPE_CHECKING
 
 from mtlsproxy.identity import Identity
 from mtlsproxy.relay.framing import connection_tokens
 from mtlsproxy.relay.h1 import RequestHead
 from mtlsproxy.relay.xfcc import format_xfcc
-
-if TYPE_CHECKING:
-    import h11
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -71,25 +67,8 @@ PROXY_OWNED = frozenset(
 _PROTECTED = frozenset({b"host", b"content-length"})
 
 
-class _FromH11:
-    """An h11 request in the shape of ``RequestHead``, for the oracle tests."""
-
-    __slots__ = ("connection", "headers", "method", "version")
-
-    def __init__(self, request: h11.Request) -> None:
-        self.method = request.method
-        self.version = request.http_version
-        self.headers = list(request.headers.raw_items())
-        self.connection = connection_tokens(self.headers)
-
-
-def _head(request: RequestHead | _FromH11 | h11.Request) -> RequestHead | _FromH11:
-    return request if isinstance(request, (RequestHead, _FromH11)) else _FromH11(request)
-
-
-def is_websocket_upgrade(request: RequestHead | _FromH11 | h11.Request) -> bool:
+def is_websocket_upgrade(head: RequestHead) -> bool:
     """RFC 6455 §4.1: GET, HTTP/1.1, ``Upgrade: websocket``, ``Connection`` with upgrade."""
-    head = _head(request)
     upgrades = [v for n, v in head.headers if n.lower() == b"upgrade"]
     return (
         head.method == b"GET"
@@ -98,10 +77,6 @@ def is_websocket_upgrade(request: RequestHead | _FromH11 | h11.Request) -> bool:
         and upgrades[0].strip().lower() == b"websocket"
         and b"upgrade" in head.connection
     )
-
-
-def is_websocket_accept(response: h11.InformationalResponse | h11.Response) -> bool:
-    return accepts_websocket(response.status_code, list(response.headers))
 
 
 def accepts_websocket(status: int, headers: Headers) -> bool:
@@ -134,7 +109,7 @@ def forwarding_headers(identity: Identity, client_ip: str, *, by: str | None = N
 
 
 def upstream_request_headers(
-    request: RequestHead | h11.Request,
+    head: RequestHead,
     identity: Identity,
     client_ip: str,
     *,
@@ -144,7 +119,6 @@ def upstream_request_headers(
 ) -> Headers:
     """Headers for the backend. ``by`` is the proxy's own URI SAN, for XFCC ``By=``;
     ``forwarding``: ``forwarding_headers`` of this connection, when already built."""
-    head = _head(request)
     nominated = head.connection
     host: bytes | None = None
     chunked = False
@@ -180,36 +154,6 @@ def upstream_request_headers(
     return out
 
 
-def upstream_request(
-    request: h11.Request,
-    identity: Identity,
-    client_ip: str,
-    *,
-    allow_websocket: bool = False,
-    by: str | None = None,
-) -> h11.Request:
-    """The Request event to send to the backend; always HTTP/1.1 on the upstream hop."""
-    import h11  # noqa: PLC0415  # the oracle's type; the proxy itself never builds one
-
-    headers = upstream_request_headers(
-        request, identity, client_ip, allow_websocket=allow_websocket, by=by
-    )
-    return h11.Request(method=request.method, target=request.target, headers=headers)
-
-
-def downstream_response_headers(
-    response: h11.Response | h11.InformationalResponse, *, websocket: bool = False
-) -> Headers:
-    """Headers for the client: the backend's, minus its hop-by-hop fields.
-
-    ``websocket`` is true when the request was a permitted WebSocket handshake and the
-    backend accepted it (``is_websocket_accept``); only then do Connection/Upgrade pass.
-    """
-    return client_response_headers(
-        response.status_code, list(response.headers.raw_items()), websocket=websocket
-    )
-
-
 def client_response_headers(
     status: int,
     headers: Headers,
@@ -217,8 +161,10 @@ def client_response_headers(
     websocket: bool = False,
     nominated: frozenset[bytes] | None = None,
 ) -> Headers:
-    """``downstream_response_headers`` over a parsed head's fields (names in any case);
-    ``nominated``: the head's Connection tokens, when known already."""
+    """Headers for the client: the backend's (names in any case), minus its hop-by-hop
+    fields. ``websocket``: the request was a permitted WebSocket handshake; only when the
+    backend accepted it do Connection/Upgrade pass. ``nominated``: the head's Connection
+    tokens, when known already."""
     if nominated is None:
         nominated = connection_tokens(headers)
     out: Headers = [(n, v) for n, v in headers if not _is_hop(n.lower(), nominated)]

@@ -59,9 +59,7 @@ class FrameScanner:
                 view = view[step:]
                 continue
             if not self._header and len(view) >= 2:  # a whole header in view: no copy-in
-                length7 = view[1] & 0x7F
-                size = 2 + (4 if view[1] & 0x80 else 0)
-                size += 2 if length7 == 126 else 8 if length7 == 127 else 0
+                size = _header_size(view[1])
                 if len(view) >= size:
                     self._frame(bytes(view[:size]))
                     view = view[size:]
@@ -80,11 +78,7 @@ class FrameScanner:
         return not self._skip and not self._header
 
     def _header_length(self) -> int:
-        if len(self._header) < 2:
-            return 2
-        size = 2 + (4 if self._header[1] & 0x80 else 0)
-        length7 = self._header[1] & 0x7F
-        return size + (2 if length7 == 126 else 8 if length7 == 127 else 0)
+        return 2 if len(self._header) < 2 else _header_size(self._header[1])
 
     def _frame(self, header: bytes) -> None:
         fin, opcode = header[0] & 0x80, header[0] & 0x0F
@@ -114,6 +108,12 @@ class FrameScanner:
         else:
             raise FrameError(CLOSE_PROTOCOL_ERROR, "unknown opcode")
         self._skip = length
+
+
+def _header_size(second: int) -> int:
+    """A frame header's length, from its second byte (mask bit, 7-bit length)."""
+    length7 = second & 0x7F
+    return 2 + (4 if second & 0x80 else 0) + (2 if length7 == 126 else 8 if length7 == 127 else 0)
 
 
 def close_frame(code: int, reason: str, *, masked: bool) -> bytes:

@@ -193,7 +193,7 @@ class HttpConnection:
         self.clean_end = False
         self._connected = 0.0
         self._reader = MessageReader(max_head=listener.max_header_size)
-        self._clock = trio.CancelScope()
+        self._clock: trio.CancelScope  # made by run(), with the first head's deadline
         self._phase = _IDLE
         self._pumping = False  # the request body's pump runs: the response head waits
         self._current: tuple[RequestHead | None, Exchange[RouteRuntime] | None, float] | None = None
@@ -569,7 +569,7 @@ class HttpConnection:
             raise BadGateway("backend connection failed") from exc
         exchange.sent = whole
         if whole:  # one direction only: no second task to coordinate
-            await self._relay_response(exchange, up, stale_ok, pumping=False, armed=True)
+            await self._relay_response(exchange, up, stale_ok, armed=True)
             return
         if continue_head := exchange.continue_head():
             # Now, before the two tasks start: only one task may write to the client.
@@ -587,9 +587,7 @@ class HttpConnection:
             self._pumping = True  # now: the response side may look before the task runs
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(capture, lambda: self._pump_body(exchange, up))
-                await capture(
-                    lambda: self._relay_response(exchange, up, False, pumping=True, armed=False)
-                )
+                await capture(lambda: self._relay_response(exchange, up, False, armed=False))
                 nursery.cancel_scope.cancel()  # response done: stop reading a body nobody wants
         if not exchange.sent:  # the pump was stopped before the body's last byte went out
             up.reusable = False
@@ -656,15 +654,12 @@ class HttpConnection:
         up: Upstream,
         stale_ok: bool,
         *,
-        pumping: bool,
         armed: bool,
     ) -> None:
         """The response, backend to client; ``armed``: the head's clock is set already."""
         reader = up.reader
         timeout = exchange.route.config.read_timeout.seconds
-        head, out = await self._relay_heads(
-            exchange, up, stale_ok, timeout, pumping=pumping, armed=armed
-        )
+        head, out = await self._relay_heads(exchange, up, stale_ok, timeout, armed=armed)
         # What is ready is written together: head, body and end of a small response
         # leave in one TLS record and one syscall. Before waiting for the backend, and
         # past FLUSH_BYTES, the buffer goes out, so nothing is held back and memory
@@ -702,15 +697,12 @@ class HttpConnection:
         stale_ok: bool,
         timeout: float,
         *,
-        pumping: bool,
         armed: bool,
     ) -> tuple[ResponseHead, bytes]:
         """Relay informational (1xx) heads; return the final head and its bytes."""
         reader = up.reader
         while True:
-            head = await self._upstream_head(
-                exchange, up, stale_ok, timeout, pumping=pumping, armed=armed
-            )
+            head = await self._upstream_head(exchange, up, stale_ok, timeout, armed=armed)
             stale_ok = armed = False  # each later head has read_timeout of its own
             if self.session.closing is not None:  # asked while the backend was working
                 exchange.closing = True
@@ -733,7 +725,6 @@ class HttpConnection:
         stale_ok: bool,
         timeout: float,
         *,
-        pumping: bool,
         armed: bool,
     ) -> ResponseHead:
         reader = up.reader
@@ -741,7 +732,7 @@ class HttpConnection:
         # (nginx's read/send split); while the body flows, the pump's stall clock applies.
         if not armed:
             self._phase = _AWAIT_HEAD
-            if pumping and self._pumping:
+            if self._pumping:
                 self._clock.deadline = math.inf  # the pump arms it when it stops
             else:
                 self._arm(_AWAIT_HEAD, timeout)

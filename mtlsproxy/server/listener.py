@@ -27,7 +27,7 @@ from mtlsproxy.address import Address, peer_name
 from mtlsproxy.config import Listener
 from mtlsproxy.identity import Identity, IdentityCache, IdentityError
 from mtlsproxy.metrics import Metrics
-from mtlsproxy.policy import is_allowed
+from mtlsproxy.policy import Allow
 from mtlsproxy.relay.routing import RouteTable
 from mtlsproxy.server.http import HttpConnection, RouteRuntime
 from mtlsproxy.server.tcp import TcpRoute, proxy_header, relay_tcp
@@ -65,9 +65,11 @@ class ListenerRuntime:
     limit: trio.Semaphore
     # Made once: every session refers to this string, not a copy of its own.
     label: str = field(init=False)
+    allow: Allow | None = field(init=False)  # mode = "tcp": its rules, normalized at load
 
     def __post_init__(self) -> None:
         self.label = self.config.label
+        self.allow = None if self.config.allow is None else Allow(self.config.allow)
 
 
 async def accept_loop(
@@ -187,7 +189,8 @@ def _verdict(runtime: ListenerRuntime, tls: TLSStream, shared: Shared, peer: str
     if (
         result == "ok"
         and runtime.tcp is not None
-        and not is_allowed(runtime.config.allow, identity)
+        and runtime.allow is not None
+        and not runtime.allow.admits(identity)
     ):
         # A tcp listener has no request to answer 403 to: its allow rules act here.
         result = "denied"

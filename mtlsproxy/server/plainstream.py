@@ -16,14 +16,13 @@ once get ``BusyResourceError``, a closed stream ``ClosedResourceError``, a faile
 
 from __future__ import annotations
 
-import operator
 import socket
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 
 import trio
 
-_DEFAULT_RECEIVE = 65536
+from mtlsproxy.tls.engine import receive_size
 
 
 class PlainStream(trio.abc.HalfCloseableStream):
@@ -36,10 +35,6 @@ class PlainStream(trio.abc.HalfCloseableStream):
         self._receiving = False
         self._closed = False
         self._eof_sent = False
-
-    @property
-    def fileno(self) -> int:
-        return self._sock.fileno()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._sending:
@@ -79,9 +74,7 @@ class PlainStream(trio.abc.HalfCloseableStream):
             self._sending = False
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        size = _DEFAULT_RECEIVE if max_bytes is None else operator.index(max_bytes)
-        if size < 1:
-            raise ValueError("max_bytes must be >= 1")
+        size = receive_size(max_bytes)
         if self._receiving:
             raise trio.BusyResourceError("another task is already receiving on this stream")
         self._receiving = True
@@ -90,20 +83,19 @@ class PlainStream(trio.abc.HalfCloseableStream):
                 raise trio.ClosedResourceError("this stream was closed")
             await trio.lowlevel.checkpoint_if_cancelled()
             sock = self._sock
-            try:
-                data = sock.recv(size)
-            except BlockingIOError:
-                while True:
-                    await self._wait(trio.lowlevel.wait_readable)
-                    try:
-                        return sock.recv(size)
-                    except BlockingIOError:
-                        continue
-                    except OSError as exc:
-                        raise trio.BrokenResourceError(f"backend socket: {exc}") from exc
-            except OSError as exc:
-                raise trio.BrokenResourceError(f"backend socket: {exc}") from exc
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            waited = False
+            while True:
+                try:
+                    data = sock.recv(size)
+                    break
+                except BlockingIOError:
+                    pass  # parked below, outside the except: no exception kept alive
+                except OSError as exc:
+                    raise trio.BrokenResourceError(f"backend socket: {exc}") from exc
+                waited = True
+                await self._wait(trio.lowlevel.wait_readable)
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
             return data
         finally:
             self._receiving = False

@@ -457,7 +457,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
             self._sending = False
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        max_bytes = _receive_size(max_bytes)
+        max_bytes = receive_size(max_bytes)
         if self._receiving:
             raise trio.BusyResourceError("another task is already receiving on this stream")
         self._receiving = True
@@ -618,7 +618,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._sock.close()
 
 
-def _receive_size(max_bytes: int | None) -> int:
+def receive_size(max_bytes: int | None) -> int:
     if max_bytes is None:
         return _DEFAULT_RECEIVE
     # TypeError for 1.5 now: the peek may wait for the socket before OpenSSL sees it.
