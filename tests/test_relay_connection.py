@@ -13,17 +13,20 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import h11
+import pytest
 import trio
 import trio.testing
 
 from mtlsproxy.accesslog import AccessLog
 from mtlsproxy.address import parse_address
-from mtlsproxy.config import Duration, Listener, Route
+from mtlsproxy.config import AllowRule, Duration, Listener, Route
 from mtlsproxy.denylist import DenyList
 from mtlsproxy.identity import Identity
 from mtlsproxy.metrics import Metrics
+from mtlsproxy.policy import Allow
 from mtlsproxy.relay.routing import RoundRobin, RouteTable
 from mtlsproxy.relay.routing import Route as TableRoute
+from mtlsproxy.server import http
 from mtlsproxy.server.http import HttpConnection, RouteRuntime
 from mtlsproxy.server.upstream import Target, UpstreamPool
 from mtlsproxy.sessions import Session
@@ -593,3 +596,54 @@ async def test_a_status_below_100_is_502_not_a_crash(nursery: trio.Nursery) -> N
         proxy = Proxy(nursery, backends)
         await proxy.send(GET % 1)
         assert (await proxy.read_all()).startswith(b"HTTP/1.1 502 ")
+
+
+class CountingWrites(trio.abc.HalfCloseableStream):
+    """The proxy's end of the client connection, counting its writes."""
+
+    def __init__(self, inner: trio.abc.HalfCloseableStream, session: Session) -> None:
+        self.inner = inner
+        self.writes = 0
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return bytes(await self.inner.receive_some(max_bytes))
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes += 1
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_per_connection_work_is_done_once_and_a_small_response_is_one_write(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15 items 3 and 5: the identity headers and the allow verdict once per
+    connection, not per request; a small response's head, body and end in one write."""
+    built, asked = [], []
+    forwarding = http.forwarding_headers
+    monkeypatch.setattr(http, "forwarding_headers", lambda *a: built.append(1) or forwarding(*a))
+    admits = Allow.admits
+    monkeypatch.setattr(Allow, "admits", lambda self, i: asked.append(1) or admits(self, i))
+    counted: list[CountingWrites] = []
+
+    def wrap(inner: trio.abc.HalfCloseableStream, session: Session) -> CountingWrites:
+        counted.append(CountingWrites(inner, session))
+        return counted[0]
+
+    config = Route(backends=[BACKEND], allow=[AllowRule(cn="player-1")])
+    runtime = RouteRuntime(0, "api", config, RoundRobin([Target(BACKEND)]), Allow(config.allow))
+    proxy = Proxy(nursery, Backends(nursery), table=RouteTable([TableRoute(0, runtime)]), wrap=wrap)
+    for i in range(3):
+        await proxy.send(GET % i)
+        (answer,) = await proxy.responses(1)
+        assert answer.status == 200
+    assert (len(built), len(asked)) == (1, 1)
+    assert counted[0].writes == 3  # one per response
