@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,8 @@ from support import MTLSPROXY, IssueFn, Pair, fetch_metrics, free_port, metric_s
 from test_proxy_identity import leaf_sha256
 
 from mtlsproxy.pki import CertificateAuthority
+from mtlsproxy.server import workers
+from mtlsproxy.server.workers import cgroup_cpu_quota, usable_cpus
 
 
 def children(pid: int) -> list[int]:
@@ -110,3 +113,67 @@ def test_workers_values(
     proc = subprocess.run([*MTLSPROXY, "check", "--config", str(config)],
                           capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
     assert (proc.returncode == 0) is ok, proc.stderr
+
+
+# ---- workers = "auto": the CPUs a container or pod may use, not the node's -------------
+
+
+def _cgroup_v1(root: Path, quota: int, period: int = 100000, path: str = "") -> None:
+    folder = root / "cpu,cpuacct" / path.strip("/")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "cpu.cfs_quota_us").write_text(f"{quota}\n")
+    (folder / "cpu.cfs_period_us").write_text(f"{period}\n")
+
+
+@pytest.mark.parametrize(
+    ("quota", "period", "expected"),
+    [(200000, 100000, 2.0), (150000, 100000, 1.5), (50000, 100000, 0.5), (-1, 100000, None)],
+)
+def test_a_v1_cpu_quota_is_read_in_cpus(
+    tmp_path: Path, quota: int, period: int, expected: float | None
+) -> None:
+    _cgroup_v1(tmp_path, quota, period)
+    assert cgroup_cpu_quota(tmp_path, "4:cpu,cpuacct:/\n0::/\n") == expected
+
+
+def test_a_v1_quota_is_found_under_the_hosts_path_or_at_the_containers_root(tmp_path: Path) -> None:
+    _cgroup_v1(tmp_path, -1)  # the root: no quota
+    _cgroup_v1(tmp_path, 300000, path="/kubepods/pod1")  # the pod's own cgroup
+    _cgroup_v1(tmp_path, 200000, path="/kubepods/pod1/ctr")  # tighter, below it
+    assert cgroup_cpu_quota(tmp_path, "3:cpu,cpuacct:/kubepods/pod1/ctr\n") == 2.0
+    # Inside a container the mount is its own cgroup while /proc/self/cgroup names the
+    # host's path: the quota at the mount's root counts.
+    inside = tmp_path / "inside"
+    _cgroup_v1(inside, 100000)
+    assert cgroup_cpu_quota(inside, "3:cpu,cpuacct:/docker/0123abcd\n") == 1.0
+
+
+@pytest.mark.parametrize(("cpu_max", "expected"), [("max 100000", None), ("250000 100000", 2.5)])
+def test_a_v2_cpu_max_is_read_in_cpus(tmp_path: Path, cpu_max: str, expected: float | None) -> None:
+    (tmp_path / "cpu.max").write_text(cpu_max + "\n")
+    assert cgroup_cpu_quota(tmp_path, "0::/\n") == expected
+    (tmp_path / "system.slice").mkdir()
+    (tmp_path / "system.slice" / "cpu.max").write_text("100000 100000\n")
+    assert cgroup_cpu_quota(tmp_path, "0::/system.slice\n") == 1.0  # the tighter level
+
+
+def test_auto_workers_follow_the_quota_rounded_down_never_zero(tmp_path: Path) -> None:
+    cores = len(os.sched_getaffinity(0))
+    assert usable_cpus(tmp_path, "0::/\n") == cores  # no cgroup files: the affinity mask
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert usable_cpus(tmp_path, "0::/\n") == 1
+    (tmp_path / "cpu.max").write_text("10000 100000\n")  # a tenth of a CPU
+    assert usable_cpus(tmp_path, "0::/\n") == 1
+    (tmp_path / "cpu.max").write_text("6400000 100000\n")  # 64 CPUs: the mask caps it
+    assert usable_cpus(tmp_path, "0::/\n") == cores
+
+
+def test_the_workers_metrics_folder_survives_a_read_only_temporary_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "absent"))  # as TMPDIR, unusable
+    folder = Path(workers._metrics_folder(2))
+    try:
+        assert folder.parent == Path("/dev/shm") and folder.is_dir()
+    finally:
+        folder.rmdir()

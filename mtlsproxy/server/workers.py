@@ -28,12 +28,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
 from prometheus_client import multiprocess
 
+from mtlsproxy.errors import UsageError
 from mtlsproxy.workerenv import ENV_SUPERVISOR, ENV_WORKER
 
 log = logging.getLogger("mtlsproxy.workers")
@@ -43,7 +45,78 @@ _HEALTHY_AFTER = 60.0  # a worker that lived this long resets the back-off
 
 
 def resolve(workers: int | str) -> int:
-    return os.cpu_count() or 1 if workers == "auto" else int(workers)
+    """``workers = N`` as a count; ``"auto"`` is the CPUs this process may use."""
+    return usable_cpus() if workers == "auto" else int(workers)
+
+
+def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup"), self_cgroup: str | None = None) -> int:
+    """The CPUs the scheduler lets this process use: its affinity mask, capped by a cgroup
+    CPU quota (a container's ``--cpus``, a Kubernetes ``limits.cpu``), rounded down.
+
+    ``os.cpu_count()`` counts the node's cores, so on a big node a pod limited to 2 CPUs
+    would start one worker per core and outgrow its memory limit. A quota of 1.5 CPUs
+    gives 1 worker (never 0): a worker per whole CPU, as Go's automaxprocs does.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    quota = cgroup_cpu_quota(cgroup_root, self_cgroup)
+    count = cores or 1
+    if quota is not None:
+        count = min(count, int(quota))
+    return max(1, count)
+
+
+def cgroup_cpu_quota(cgroup_root: Path, self_cgroup: str | None = None) -> float | None:
+    """The tightest CPU quota over this process's cgroup and its parents, in CPUs, or None.
+
+    cgroup v2: ``cpu.max`` ("max 100000" or "<quota> <period>"); cgroup v1: the ``cpu``
+    controller's ``cpu.cfs_quota_us`` (-1 for none) over ``cpu.cfs_period_us``. Inside a
+    container the cgroup file system is usually the container's own cgroup, mounted as
+    the root, while ``/proc/self/cgroup`` may still name the host's path: both are tried.
+    """
+    if self_cgroup is None:
+        try:
+            self_cgroup = Path("/proc/self/cgroup").read_text()
+        except OSError:
+            return None
+    limits: list[float] = []
+    for line in self_cgroup.splitlines():
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hierarchy == "0" and controllers == "":
+            folders = [cgroup_root / "unified", cgroup_root]
+            limits += _walk(folders, path, _v2_quota)
+        elif "cpu" in controllers.split(","):
+            folders = [cgroup_root / controllers, cgroup_root / "cpu", cgroup_root / "cpu,cpuacct"]
+            limits += _walk(folders, path, _v1_quota)
+    return min(limits) if limits else None
+
+
+def _walk(mounts: list[Path], path: str, quota_of: Callable[[Path], float | None]) -> list[float]:
+    found: list[float] = []
+    parts = [p for p in path.split("/") if p]
+    for mount in dict.fromkeys(mounts):
+        for depth in range(len(parts), -1, -1):
+            quota = quota_of(mount.joinpath(*parts[:depth]))
+            if quota is not None:
+                found.append(quota)
+    return found
+
+
+def _v2_quota(folder: Path) -> float | None:
+    try:
+        quota, _, period = (folder / "cpu.max").read_text().strip().partition(" ")
+        return None if quota == "max" else int(quota) / int(period or "100000")
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
+
+
+def _v1_quota(folder: Path) -> float | None:
+    try:
+        quota = int((folder / "cpu.cfs_quota_us").read_text())
+        period = int((folder / "cpu.cfs_period_us").read_text())
+        return None if quota <= 0 or period <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
 
 
 def worker_index() -> int | None:
@@ -61,11 +134,29 @@ class _Worker:
 
 
 def supervise(count: int, config_path: Path, log_level: str, log_format: str | None = None) -> int:
-    metrics_dir = tempfile.mkdtemp(prefix="mtlsproxy-metrics-")
+    metrics_dir = _metrics_folder(count)
     try:
         return _supervise(count, config_path, log_level, log_format, metrics_dir)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _metrics_folder(count: int) -> str:
+    """The workers' metrics files (prometheus_client's multi-process mode): in the temporary
+    folder (``TMPDIR``, else /tmp), else in /dev/shm, the tmpfs that containers and pods
+    keep writable under a read-only root file system. Small files, read by /metrics."""
+    try:
+        return tempfile.mkdtemp(prefix="mtlsproxy-metrics-")
+    except OSError as exc:
+        first = exc
+    try:
+        return tempfile.mkdtemp(prefix="mtlsproxy-metrics-", dir="/dev/shm")
+    except OSError:
+        raise UsageError(
+            f"workers = {count} needs a writable folder for the workers' metrics, and there is"
+            f" none ({first}; /dev/shm too): set TMPDIR to a writable folder, or mount one at"
+            " /tmp (in Kubernetes, an emptyDir)"
+        ) from first
 
 
 def _supervise(
