@@ -346,8 +346,12 @@ def _explain(message: str) -> tuple[str | None, str]:
     key_path, reason = (match[2] or None, match[1]) if match else (None, message)
     if unknown := re.fullmatch(r"Object contains unknown field `(.+)`", reason):
         key = unknown[1]
-        hint = difflib.get_close_matches(key, _ALL_KEYS, n=1)
-        reason = f"unknown key {key!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
+        if key != key.lower() and key.lower() in _keys_of(_field_type(key_path)):
+            # `OU = "ops"`: TOML keys are case-sensitive, and every key here is lowercase.
+            reason = f"unknown key {key!r}; did you mean {key.lower()!r}? (keys are lowercase)"
+        else:
+            hint = difflib.get_close_matches(key, _ALL_KEYS, n=1)
+            reason = f"unknown key {key!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
         key_path = f"{key_path}.{key}" if key_path else key
     elif missing := re.fullmatch(r"Object missing required field `(.+)`", reason):
         key = missing[1]
@@ -356,8 +360,75 @@ def _explain(message: str) -> tuple[str | None, str]:
     elif wrong := re.fullmatch(r"Expected `(.+)`, got `(.+)`", reason):
         expected = " or ".join(_TYPE_WORDS.get(t, t) for t in wrong[1].split(" | "))
         reason = f"expected {expected}, got {_TYPE_WORDS.get(wrong[2], wrong[2])}"
+        reason += _takes(key_path)
     elif length := re.fullmatch(r"Expected `(\w+)` of length >= (\d+)", reason):
         reason = f"must hold at least {length[2]} item(s)"
     elif enum := re.fullmatch(r"Invalid enum value (.+)", reason):
-        reason = f"{enum[1]} is not one of the allowed values"
+        reason = f"{enum[1]} is not one of the allowed values" + _takes(key_path)
+        value = enum[1].strip("'\"")
+        if value.isdigit() and "an integer" in _takes(key_path):  # workers = "4"
+            reason += f"; write {_key_name(key_path)} = {value}, without quotes"
+    elif re.fullmatch(r"Expected `int` [<>]=? -?\d+", reason) and " or " in _takes(key_path):
+        reason += _takes(key_path)  # workers = 0: the bound alone hides "auto"
     return key_path, reason
+
+
+def _takes(key_path: str | None) -> str:
+    """``; workers takes an integer from 1 to 256 or "auto"``, or "" when not known."""
+    allowed = _describe(_field_type(key_path))
+    return f"; {_key_name(key_path)} takes {allowed}" if key_path and allowed else ""
+
+
+def _key_name(key_path: str | None) -> str:
+    return re.sub(r"\[\d+\]", "", key_path or "").rpartition(".")[2]
+
+
+def _field_type(key_path: str | None) -> Any:
+    """The msgspec type info of the key at ``key_path`` (``listeners[0].mode``), or None."""
+    tp: Any = msgspec.inspect.type_info(Config)
+    for name in re.sub(r"\[\d+\]", "", key_path).split(".") if key_path else []:
+        tp = _inner(tp)
+        if not isinstance(tp, msgspec.inspect.StructType):
+            return None
+        tp = next((f.type for f in tp.fields if f.encode_name == name), None)
+    return tp
+
+
+def _inner(tp: Any) -> Any:
+    """What a list or an optional value holds: the table a key path walks into."""
+    while True:
+        if isinstance(tp, msgspec.inspect.UnionType):
+            kinds = [t for t in tp.types if not isinstance(t, msgspec.inspect.NoneType)]
+            if len(kinds) != 1:
+                return tp
+            tp = kinds[0]
+        elif isinstance(tp, msgspec.inspect.ListType | msgspec.inspect.VarTupleType):
+            tp = tp.item_type
+        else:
+            return tp
+
+
+def _keys_of(tp: Any) -> list[str]:
+    table = _inner(tp)
+    if isinstance(table, msgspec.inspect.StructType):
+        return [f.encode_name for f in table.fields]
+    return _ALL_KEYS
+
+
+def _describe(tp: Any) -> str | None:
+    """The values a key takes, in words, when its type says more than "a string"."""
+    inspect = msgspec.inspect
+    if isinstance(tp, inspect.LiteralType):
+        return " or ".join(f'"{v}"' if isinstance(v, str) else str(v) for v in tp.values)
+    if isinstance(tp, inspect.IntType):
+        low = tp.ge if tp.gt is None else tp.gt + 1
+        high = tp.le if tp.lt is None else tp.lt - 1
+        if low is not None and high is not None:
+            return f"an integer from {low} to {high}"
+        if low is not None or high is not None:
+            return f"an integer >= {low}" if high is None else f"an integer <= {high}"
+        return None
+    if isinstance(tp, inspect.UnionType):
+        parts = [_describe(t) for t in tp.types if not isinstance(t, inspect.NoneType)]
+        return " or ".join(p for p in parts if p) if all(parts) else None
+    return None

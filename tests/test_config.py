@@ -142,6 +142,20 @@ allow = [{ cn = "player-1" }]
         (('path_prefix = "/"', 'path_prefix = "/"\nallow = [{ sha256 = "abc" }]'),
          "listeners[0].routes[0].allow[0]", "64 hex digits"),
         (('mode = "http"', 'mode = "tcp"'), "listeners[0]", "takes backends"),
+        # Errors name the values a key takes, and the lowercase key for a capitalised one.
+        (("[tls]", 'workers = "4"\n[tls]'), "workers",
+         'workers takes an integer from 1 to 256 or "auto"; write workers = 4, without quotes'),
+        (("[tls]", "workers = 0\n[tls]"), "workers",
+         'Expected `int` >= 1; workers takes an integer from 1 to 256 or "auto"'),
+        (("[tls]", "workers = 2.5\n[tls]"), "workers",
+         'workers takes an integer from 1 to 256 or "auto"'),
+        (('mode = "http"', 'mode = "udp"'), "listeners[0].mode",
+         '\'udp\' is not one of the allowed values; mode takes "http" or "tcp"'),
+        (('path_prefix = "/"', 'path_prefix = "/"\nallow = [{ OU = "players" }]'),
+         "listeners[0].routes[0].allow[0].OU",
+         "unknown key 'OU'; did you mean 'ou'? (keys are lowercase)"),
+        (('listen = "127.0.0.1:9901"', 'Listen = "127.0.0.1:9901"'), "admin.Listen",
+         "did you mean 'listen'?"),
     ],
 )  # fmt: skip
 def test_mistakes_name_file_key_path_and_reason(
