@@ -36,11 +36,13 @@ requests and httpx are needed only for their helpers (``pip install mtlsproxy[cl
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import logging
 import os
 import ssl
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import urlsplit
@@ -215,14 +217,28 @@ def ssl_context(cert: str | Path, key: str | Path, ca: str | Path) -> RenewingCo
     return RenewingContext(cert, key, ca)
 
 
+@contextlib.contextmanager
+def _optional(module: str, helper: str) -> Iterator[None]:
+    """An ImportError that says what to install: the ``[client]`` extra."""
+    try:
+        yield
+    except ImportError as exc:
+        raise ModuleNotFoundError(
+            f"mtlsproxy.client.{helper} needs {module}, which is not installed ({exc}): "
+            "pip install 'mtlsproxy[client]'",
+            name=module,
+        ) from exc
+
+
 def requests_session(cert: str | Path, key: str | Path, ca: str | Path) -> requests.Session:
     """A ``requests.Session`` on a ``RenewingContext``; idle connections are dropped when the
     certificate is renewed, so every request after a renewal shows the new certificate.
 
     Whom it trusts is the context's alone: ``verify=`` (per request or ``Session.verify``)
     and ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE`` are ignored, and every request verifies."""
-    import requests  # noqa: PLC0415 - optional: only this helper needs it
-    from requests.adapters import HTTPAdapter  # noqa: PLC0415
+    with _optional("requests", "requests_session"):
+        import requests  # noqa: PLC0415 - optional: only this helper needs it
+        from requests.adapters import HTTPAdapter  # noqa: PLC0415
 
     ctx = ssl_context(cert, key, ca)
 
@@ -280,7 +296,8 @@ def requests_session(cert: str | Path, key: str | Path, ca: str | Path) -> reque
 def httpx_client(cert: str | Path, key: str | Path, ca: str | Path, **kwargs: Any) -> httpx.Client:
     """An ``httpx.Client`` on a ``RenewingContext`` (new connections use the renewed
     certificate)."""
-    import httpx  # noqa: PLC0415 - optional: only this helper needs it
+    with _optional("httpx", "httpx_client"):
+        import httpx  # noqa: PLC0415 - optional: only this helper needs it
 
     return httpx.Client(verify=ssl_context(cert, key, ca), **kwargs)
 
