@@ -94,7 +94,14 @@ def test_the_kubernetes_example(tmp_path: Path) -> None:
     assert pod["securityContext"]["runAsUser"] == 10001 and pod["securityContext"]["runAsNonRoot"]
     # Secrets mounted read-only at the paths the config reads; no CA key anywhere.
     mounts = {m["name"]: m for m in container["volumeMounts"]}
-    assert all(m.get("readOnly") for m in mounts.values())
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    written = {name for name, m in mounts.items() if not m.get("readOnly")}
+    assert written == {"tmp"} and "emptyDir" in volumes["tmp"]  # the workers' metrics
+    assert mounts["tmp"]["mountPath"] == "/tmp"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    # workers = "auto" follows the CPU limit, which must be there; the image is pinned
+    assert float(container["resources"]["limits"]["cpu"]) >= 1
+    assert not container["image"].endswith(":latest") and ":" in container["image"]
     assert str(cfg.tls.cert).endswith("tls/tls.crt") and mounts["tls"]["mountPath"].endswith("/tls")
     text = (DEPLOY / "k8s" / "mtlsproxy.yaml").read_text()
     assert "issuer.key" not in text and "root.key" not in text
@@ -111,3 +118,49 @@ def test_the_admin_port_is_fenced_in_the_kubernetes_example() -> None:
     (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy"]
     admin_rules = [r for r in policy["spec"]["ingress"] if r["ports"][0]["port"] == 9901]
     assert admin_rules and all(r.get("from") for r in admin_rules)  # never open to all
+
+
+def test_the_kubernetes_renewer_keeps_the_mounted_secrets_fresh_without_the_root_key() -> None:
+    proxy_docs = list(yaml.safe_load_all((DEPLOY / "k8s" / "mtlsproxy.yaml").read_text()))
+    deployment = next(d for d in proxy_docs if d["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    secrets = {v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    assert secrets == {"mtlsproxy-server-tls", "mtlsproxy-client-ca"}
+
+    text = (DEPLOY / "k8s" / "renew-server.yaml").read_text()
+    docs = list(yaml.safe_load_all(text))
+    by_kind = {d["kind"]: d for d in docs}
+    assert "root.key" not in text  # the root stays offline
+    job = by_kind["CronJob"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    # every six hours, a certificate of 24: three failed runs before anything expires
+    assert by_kind["CronJob"]["spec"]["schedule"].split()[1] == "*/6"
+    (issue,) = job["initContainers"]
+    env = {e["name"]: e["value"] for e in issue["env"]}
+    assert env["SERVER_TTL"] == "24h"
+    assert "mtlsproxy ca issue" in issue["args"][0] and "--out /work/out/tls" in issue["args"][0]
+    (publish,) = job["containers"]
+    script = publish["args"][0]
+    for name in secrets:
+        assert f"secret tls {name}" in script or f"secret generic {name}" in script
+    assert "/work/out/tls.crt" in script and "ca.crt=/work/out/ca.crt" in script
+    # only the two Secrets, only updated; in the proxy's namespace, bound to the job's account
+    (rule,) = by_kind["Role"]["rules"]
+    assert set(rule["resourceNames"]) == secrets and set(rule["verbs"]) == {
+        "get",
+        "patch",
+        "update",
+    }
+    subject = by_kind["RoleBinding"]["subjects"][0]
+    assert subject["name"] == job["serviceAccountName"]
+    assert subject["namespace"] == by_kind["CronJob"]["metadata"]["namespace"] != "default"
+    assert (
+        by_kind["Role"]["metadata"]["namespace"]
+        == {e["name"]: e["value"] for e in publish["env"]}["PROXY_NAMESPACE"]
+    )
+    # read-only roots; what is written is an emptyDir
+    volumes = {v["name"]: v for v in job["volumes"]}
+    for container in (issue, publish):
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        for mount in container["volumeMounts"]:
+            assert mount.get("readOnly") or "emptyDir" in volumes[mount["name"]]
+    assert job["securityContext"]["runAsUser"] == 10001

@@ -1,16 +1,8 @@
 """The docker-compose stack (deploy/), built and run for real, checked from the host.
 
-Run by `make test-compose` (and `.ci/run` after `make test`). What it needs and does not
-find it provides, and takes down again what it started:
-
-- a Docker engine: Debian's `docker.io` and `docker-compose` are installed by the Makefile
-  when missing; if no engine answers, `dockerd` is started here and stopped at the end (by
-  PID);
-- the base image (`python:3.11-slim`): pulled if a registry is reachable, else built from
-  Debian with `debootstrap --variant=minbase bookworm` (python3 and its venv module) and
-  imported under that name;
-- the project's wheels, built on the host into deploy/wheels/ (the image installs from
-  there with no package index).
+Run by `make test-compose` (and `.ci/run` after `make test`). The engine, the base image
+and the wheels come from conftest.py, which takes down again what it started. The host
+ports are free ones, or `MTLSPROXY_HTTPS_PORT` / `MTLSPROXY_TCP_PORT` when set.
 
 Then: the stack comes up, a client certificate is issued by the stack's CA, and from the
 host: an HTTP request whose identity the backend saw, a WebSocket message, a raw TCP
@@ -23,93 +15,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import socket
 import ssl
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
+from compose_support import ENV, HTTPS_PORT, PROJECT, TCP_PORT, compose, sh, useful_line
 from websockets.sync.client import connect as ws_connect
 
-ROOT = Path(__file__).resolve().parent.parent
-DEPLOY = ROOT / "deploy"
-PROJECT = "mtlsproxy-e2e"
-BASE = "python:3.11-slim"
-HTTPS_PORT, TCP_PORT = 28443, 28444  # not the quickstart's, not the benchmark's
-ENV = dict(os.environ, MTLSPROXY_BIND="127.0.0.1", MTLSPROXY_HTTPS_PORT=str(HTTPS_PORT),
-           MTLSPROXY_TCP_PORT=str(TCP_PORT), MTLSPROXY_BASE=BASE)  # fmt: skip
-
-
-def sh(*args: str, timeout: float = 600, check: bool = True, **kw: object) -> subprocess.CompletedProcess[str]:  # fmt: skip
-    done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=ENV,
-                          check=False, **kw)  # type: ignore[call-overload]  # fmt: skip
-    if check and done.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
-        )
-    return done  # type: ignore[no-any-return]
-
-
-def compose(*args: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess[str]:  # fmt: skip
-    return sh("docker-compose", "-p", PROJECT, "-f", str(DEPLOY / "docker-compose.yml"), *args,
-              timeout=timeout, check=check)  # fmt: skip
-
 
 @pytest.fixture(scope="session")
-def docker() -> Iterator[None]:
-    if sh("docker", "info", check=False, timeout=30).returncode == 0:
-        yield  # an engine runs already: use it, leave it
-        return
-    log = Path(tempfile.gettempdir()) / "mtlsproxy-e2e-dockerd.log"
-    with log.open("w") as out:
-        daemon = subprocess.Popen(["dockerd"], stdout=out, stderr=subprocess.STDOUT,
-                                  start_new_session=True)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while sh("docker", "info", check=False, timeout=30).returncode != 0:
-            if daemon.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"dockerd did not start; its log:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield
-    finally:
-        daemon.terminate()
-        try:
-            daemon.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait(timeout=10)
-
-
-@pytest.fixture(scope="session")
-def base_image(docker: None) -> str:
-    if sh("docker", "image", "inspect", BASE, check=False, timeout=30).returncode == 0:
-        return BASE
-    if sh("docker", "pull", BASE, check=False, timeout=60).returncode == 0:
-        return BASE
-    # No registry: Debian's own python3 (3.11 on bookworm) in a minimal root file system.
-    with tempfile.TemporaryDirectory(prefix="mtlsproxy-rootfs-") as tmp:
-        rootfs = Path(tmp) / "rootfs"
-        sh("debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates",
-           "bookworm", str(rootfs), "http://deb.debian.org/debian", timeout=900)  # fmt: skip
-        with subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE) as tar:
-            sh("docker", "import", "--change", 'CMD ["python3"]', "-", BASE, stdin=tar.stdout,
-               timeout=600)  # fmt: skip
-        assert tar.returncode == 0
-    return BASE
-
-
-@pytest.fixture(scope="session")
-def stack(base_image: str) -> Iterator[None]:
-    wheels = DEPLOY / "wheels"
-    sh(sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(wheels), str(ROOT),
-       timeout=900)  # fmt: skip
+def stack(base_image: str, wheels: Path) -> Iterator[None]:
+    ENV["MTLSPROXY_BASE"] = base_image  # every compose command builds from it
     try:
         compose("up", "-d", "--build")
         deadline = time.monotonic() + 180
@@ -119,17 +40,14 @@ def stack(base_image: str) -> Iterator[None]:
             if state == "healthy":
                 break
             if time.monotonic() > deadline:
-                logs = compose("logs", "--no-color", check=False).stdout[-5000:]
-                raise AssertionError(f"the proxy is {state!r} after 180 s; logs:\n{logs}")
+                logs = compose("logs", "--no-color", "--tail", "20", check=False).stdout
+                raise AssertionError(
+                    f"the proxy is {state!r} after 180 s: {useful_line(logs)}\n{logs[-3000:]}"
+                )
             time.sleep(1)
         yield
     finally:
         compose("down", "-v", "--rmi", "all", "--remove-orphans", check=False)
-        for title in ("mtlsproxy-build", "mtlsproxy", "mtlsproxy-loadgen"):  # build leftovers
-            sh("docker", "image", "prune", "-f", "--filter",
-               f"label=org.opencontainers.image.title={title}", check=False)  # fmt: skip
-        for wheel in wheels.glob("*.whl"):
-            wheel.unlink()
 
 
 @pytest.fixture(scope="session")
