@@ -90,6 +90,29 @@ def _check_allow(allow: list[AllowRule] | None) -> None:
         )
 
 
+# The identity headers a route may forward (README "What the backend receives"): Envoy's
+# X-Forwarded-Client-Cert, and RFC 9440's Client-Cert and Client-Cert-Chain.
+IDENTITY_HEADERS = ("xfcc", "client-cert", "client-cert-chain")
+
+
+def _check_identity_headers(chosen: tuple[str, ...]) -> None:
+    allowed = ", ".join(repr(h) for h in IDENTITY_HEADERS)
+    for i, value in enumerate(chosen):
+        if value not in IDENTITY_HEADERS:
+            hint = difflib.get_close_matches(value, IDENTITY_HEADERS, n=1)
+            raise ValueError(
+                f"identity_headers[{i}] = {value!r} is not one of {allowed}"
+                + (f"; did you mean {hint[0]!r}?" if hint else "")
+            )
+        if value in chosen[:i]:
+            raise ValueError(f"identity_headers lists {value!r} twice")
+    if "client-cert-chain" in chosen and "client-cert" not in chosen:
+        raise ValueError(
+            "identity_headers: 'client-cert-chain' needs 'client-cert' too "
+            "(RFC 9440 never sends the chain without the certificate)"
+        )
+
+
 class Route(Struct, frozen=True):
     backends: Annotated[list[Address], Meta(min_length=1)]
     path_prefix: str = "/"
@@ -113,11 +136,15 @@ class Route(Struct, frozen=True):
     proxy_protocol: Literal["v2"] | None = None
     connect_timeout: Duration = Duration("5s")
     read_timeout: Duration = Duration("60s")
+    # Who the client is, as the backends are told: any of IDENTITY_HEADERS; [] for none.
+    # Whatever a client sends under these names is removed on every route regardless.
+    identity_headers: tuple[str, ...] = ("xfcc",)
 
     def __post_init__(self) -> None:
         if not self.path_prefix.startswith("/"):
             raise ValueError(f"path_prefix {self.path_prefix!r} must start with '/'")
         _check_allow(self.allow)
+        _check_identity_headers(self.identity_headers)
         if any(b.port == 0 for b in self.backends):
             raise ValueError("a backend needs a real port, not 0")
         tls_files = (self.tls_ca, self.tls_cert, self.tls_key, self.tls_server_name)

@@ -28,14 +28,17 @@ Three choices fail closed on purpose:
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import OrderedDict
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Literal
 
 import msgspec
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
 from mtlsproxy.errors import MtlsProxyError
@@ -221,6 +224,70 @@ class IdentityCache:
     def put(self, identity: Identity) -> None:
         self._items[identity.sha256] = identity
         self._items.move_to_end(identity.sha256)
+        if len(self._items) > self._size:
+            self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class PeerCertificates(msgspec.Struct, frozen=True):
+    """The DER of what the TLS layer verified for one leaf, for RFC 9440's headers.
+
+    ``leaf``: the client's certificate, byte for byte. ``chain``: the certificates OpenSSL
+    verified it through, in TLS order (the one that signed the leaf first), without the
+    leaf and without the trust anchor (the root of ``client_ca`` the chain ends at, which
+    the backend is expected to hold; RFC 9440 §2.3 lets it be left out). That is the chain
+    the proxy *verified*, not the list the client sent: a certificate the client added
+    that played no part in the verification is not in it. ``None``: not known (a resumed
+    session carries only the leaf; see ``PeerCertificateCache``).
+    """
+
+    leaf: bytes
+    chain: tuple[bytes, ...] | None
+
+    @classmethod
+    def from_verified(
+        cls,
+        sha256: str,
+        leaf: x509.Certificate,
+        verified: Sequence[x509.Certificate] | None,
+    ) -> PeerCertificates | None:
+        """From the handshake's leaf and verified chain (leaf to trust anchor), or None when
+        the leaf is not the certificate ``sha256`` names: never another one than the
+        identity's. A verified chain that does not start with the leaf is not used."""
+        der = leaf.public_bytes(Encoding.DER)
+        if hashlib.sha256(der).hexdigest() != sha256:
+            return None
+        chain = None
+        if verified and verified[0].public_bytes(Encoding.DER) == der:
+            chain = tuple(cert.public_bytes(Encoding.DER) for cert in verified[1:-1])
+        return cls(leaf=der, chain=chain)
+
+
+class PeerCertificateCache:
+    """PeerCertificates by the SHA-256 of their leaf, most recently used kept.
+
+    A resumed TLS session has the leaf but no verified chain (OpenSSL does not keep it in
+    the session), so the chain a leaf was last verified with is remembered here, and a
+    resumed session forwards the same headers as the full handshake it came from. Sessions
+    resume only on the TLS context that made them, and every reload makes new contexts,
+    so what is remembered was verified under the CA bundle in use.
+    """
+
+    def __init__(self, size: int = 10_000) -> None:
+        self._size = size
+        self._items: OrderedDict[str, PeerCertificates] = OrderedDict()
+
+    def get(self, sha256: str) -> PeerCertificates | None:
+        found = self._items.get(sha256)
+        if found is not None:
+            self._items.move_to_end(sha256)
+        return found
+
+    def put(self, sha256: str, certificates: PeerCertificates) -> None:
+        self._items[sha256] = certificates
+        self._items.move_to_end(sha256)
         if len(self._items) > self._size:
             self._items.popitem(last=False)
 

@@ -187,3 +187,58 @@ def test_no_listeners(folder: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         config.load(write(folder, text))
     assert caught.value.key_path == "listeners"
+
+
+# ---- identity_headers (issue 16 item 6) -------------------------------------------------
+
+
+def test_identity_headers_default_to_xfcc_and_take_every_documented_value(folder: Path) -> None:
+    cfg = config.load(write(folder, SAMPLE))
+    assert cfg.listeners[0].routes[0].identity_headers == ("xfcc",)  # today's behaviour
+    for written, loaded in (
+        ('["xfcc", "client-cert", "client-cert-chain"]', config.IDENTITY_HEADERS),
+        ('["client-cert"]', ("client-cert",)),
+        ('["client-cert-chain", "client-cert"]', ("client-cert-chain", "client-cert")),
+        ("[]", ()),  # no identity header at all
+    ):
+        text = SAMPLE.replace(
+            'path_prefix = "/"', f'path_prefix = "/"\nidentity_headers = {written}'
+        )
+        route = config.load(write(folder, text)).listeners[0].routes[0]
+        assert route.identity_headers == loaded
+
+
+@pytest.mark.parametrize(
+    ("written", "key_path", "reasons"),
+    [
+        ('["x-forwarded-client-cert"]', "listeners[0].routes[0]",
+         ["identity_headers[0] = 'x-forwarded-client-cert' is not one of "
+          "'xfcc', 'client-cert', 'client-cert-chain'"]),
+        ('["xfcc", "Client_Cert"]', "listeners[0].routes[0]",
+         ["identity_headers[1] = 'Client_Cert' is not one of", "did you mean 'client-cert'?"]),
+        ('["client-cert", "client-cert"]', "listeners[0].routes[0]",
+         ["lists 'client-cert' twice"]),
+        ('["client-cert-chain"]', "listeners[0].routes[0]",
+         ["'client-cert-chain' needs 'client-cert'"]),
+        ('"xfcc"', "listeners[0].routes[0].identity_headers", ["expected a list, got a string"]),
+    ],
+)  # fmt: skip
+def test_identity_header_mistakes_name_the_file_the_route_and_the_allowed_values(
+    folder: Path, written: str, key_path: str, reasons: list[str]
+) -> None:
+    text = SAMPLE.replace('path_prefix = "/"', f'path_prefix = "/"\nidentity_headers = {written}')
+    path = write(folder, text)
+    with pytest.raises(ConfigError) as caught:
+        config.load(path)
+    err = caught.value
+    assert (err.file, err.key_path) == (path, key_path)
+    for reason in reasons:
+        assert reason in err.reason
+    assert str(err).startswith(f"{path}: {key_path}: ")
+
+
+def test_a_misspelt_identity_headers_key_is_an_error(folder: Path) -> None:
+    text = SAMPLE.replace('path_prefix = "/"', 'path_prefix = "/"\nidentity_header = ["xfcc"]')
+    with pytest.raises(ConfigError) as caught:
+        config.load(write(folder, text))
+    assert "did you mean 'identity_headers'?" in caught.value.reason

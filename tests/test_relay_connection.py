@@ -8,6 +8,7 @@ read timeout takes no wall time.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -21,7 +22,7 @@ from mtlsproxy.accesslog import AccessLog
 from mtlsproxy.address import parse_address
 from mtlsproxy.config import AllowRule, Duration, Listener, Route
 from mtlsproxy.denylist import DenyList
-from mtlsproxy.identity import Identity
+from mtlsproxy.identity import Identity, PeerCertificates
 from mtlsproxy.metrics import Metrics
 from mtlsproxy.policy import Allow
 from mtlsproxy.relay.routing import RoundRobin, RouteTable
@@ -142,6 +143,7 @@ class Proxy:
         deny: DenyList = DenyList(),  # noqa: B008  # frozen: one instance is fine
         wrap: Callable[[trio.abc.HalfCloseableStream, Session], trio.abc.HalfCloseableStream]
         | None = None,
+        peer_certificates: Callable[[], PeerCertificates | None] = lambda: None,
     ) -> None:
         self.client, theirs = trio.testing.memory_stream_pair()
         self.session = Session("mem", "192.0.2.7:4000", IDENT, "http", None)
@@ -159,6 +161,7 @@ class Proxy:
             metrics=self.metrics,
             client_ip="192.0.2.7",
             access=AccessLog("off"),
+            peer_certificates=peer_certificates,
         )
         self.ended = trio.Event()
         self._server_end = theirs
@@ -629,7 +632,9 @@ async def test_per_connection_work_is_done_once_and_a_small_response_is_one_writ
     connection, not per request; a small response's head, body and end in one write."""
     built, asked = [], []
     forwarding = http.forwarding_headers
-    monkeypatch.setattr(http, "forwarding_headers", lambda *a: built.append(1) or forwarding(*a))
+    monkeypatch.setattr(
+        http, "forwarding_headers", lambda *a, **k: built.append(1) or forwarding(*a, **k)
+    )
     admits = Allow.admits
     monkeypatch.setattr(Allow, "admits", lambda self, i: asked.append(1) or admits(self, i))
     counted: list[CountingWrites] = []
@@ -647,3 +652,70 @@ async def test_per_connection_work_is_done_once_and_a_small_response_is_one_writ
         assert answer.status == 200
     assert (len(built), len(asked)) == (1, 1)
     assert counted[0].writes == 3  # one per response
+
+
+CERTS = PeerCertificates(leaf=b"leaf-der", chain=(b"issuer-der",))
+
+
+async def test_identity_headers_once_per_connection_and_route(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 16 item 6: a route's identity headers (RFC 9440's Client-Cert and
+    Client-Cert-Chain included) and the verified certificates they come from are built
+    once per connection and route, whatever the number of requests."""
+    built: list[tuple[str, ...]] = []
+    forwarding = http.forwarding_headers
+
+    def counting(*a: object, **k: object) -> object:
+        built.append(k["identity_headers"])  # type: ignore[arg-type]
+        return forwarding(*a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(http, "forwarding_headers", counting)
+    asked: list[int] = []
+
+    def certificates() -> PeerCertificates:
+        asked.append(1)
+        return CERTS
+
+    chain = Route(
+        backends=[BACKEND], path_prefix="/c", identity_headers=("client-cert", "client-cert-chain")
+    )
+    plain = Route(backends=[BACKEND], path_prefix="/")
+    table = RouteTable(
+        [
+            TableRoute(
+                0,
+                RouteRuntime(0, "c", chain, RoundRobin([Target(BACKEND)]), None),
+                path_prefix="/c",
+            ),
+            TableRoute(1, RouteRuntime(1, "p", plain, RoundRobin([Target(BACKEND)]), None)),
+        ]
+    )
+    backends = Backends(nursery)
+    proxy = Proxy(nursery, backends, table=table, peer_certificates=certificates)
+    for i in range(6):
+        path = b"/c/%d" % i if i % 2 else b"/p/%d" % i
+        await proxy.send(b"GET " + path + b" HTTP/1.1\r\nHost: a\r\nClient-Cert: :AAAA:\r\n\r\n")
+        (answer,) = await proxy.responses(1)
+        assert answer.status == 200
+    assert sorted(built) == [("client-cert", "client-cert-chain"), ("xfcc",)]
+    assert len(asked) == 1  # only the route that forwards Client-Cert asked, once
+    seen = [dict((n.lower(), v) for n, v in r.headers.raw_items()) for r in backends.requests]
+    for request, headers in zip(backends.requests, seen, strict=True):
+        if request.target.startswith(b"/c"):
+            assert headers[b"client-cert"] == b":" + base64.b64encode(CERTS.leaf) + b":"
+            assert headers[b"client-cert-chain"] == b":" + base64.b64encode(b"issuer-der") + b":"
+            assert b"x-forwarded-client-cert" not in headers
+        else:
+            assert b"client-cert" not in headers and b"x-forwarded-client-cert" in headers
+
+
+async def test_a_client_cert_route_without_the_verified_certificate_is_500_never_forwarded(
+    nursery: trio.Nursery,
+) -> None:
+    """Fail closed: no Client-Cert the proxy cannot vouch for, and no request without it."""
+    backends = Backends(nursery)
+    proxy = Proxy(nursery, backends, table=routes(identity_headers=("client-cert",)))
+    await proxy.send(GET % 1)
+    assert (await proxy.read_all()).startswith(b"HTTP/1.1 500 ")
+    assert backends.requests == []

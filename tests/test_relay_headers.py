@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 
 import h11
@@ -9,8 +10,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mtlsproxy.identity import Identity
+from mtlsproxy.identity import Identity, PeerCertificates
 from mtlsproxy.relay import headers as relay_headers
+from mtlsproxy.relay.client_cert import client_cert, client_cert_chain
+from mtlsproxy.relay.errors import HttpError
 from mtlsproxy.relay.framing import HeadReader, validate_request, validate_response
 from mtlsproxy.relay.headers import HOP_BY_HOP, PROXY_OWNED, connection_tokens
 from mtlsproxy.relay.xfcc import format_xfcc, parse_xfcc
@@ -326,6 +329,7 @@ def test_upstream_never_carries_client_identity_or_hop_headers(
     out = upstream_request_headers(request, IDENT, "192.0.2.9", allow_websocket=allow_websocket)
 
     assert get_all(out, b"x-forwarded-client-cert") == [OUR_XFCC]
+    assert get_all(out, b"client-cert") == get_all(out, b"client-cert-chain") == []
     assert get_all(out, b"x-forwarded-for") == [b"192.0.2.9"]
     assert get_all(out, b"host") == [b"a.example"]
     # What Connection names is dropped, except what framing rests on and what we set.
@@ -347,3 +351,114 @@ def test_upstream_never_carries_client_identity_or_hop_headers(
     seen = backend.next_event()
     assert isinstance(seen, h11.Request)
     assert [(n.lower(), v) for n, v in out] == list(seen.headers)
+
+
+# ---- identity headers chosen per route (issue 16 item 6: RFC 9440 Client-Cert) ----------
+
+CERTS = PeerCertificates(leaf=b"\x30\x82leaf-der\xff", chain=(b"\x30\x82issuer-der\xfb",))
+SPOOFED_CERT = (
+    b"Client-Cert: :AAAA:\r\n"
+    b"client-cert: :AAAA:\r\n"
+    b"CLIENT-CERT: :AAAA:\r\n"
+    b"Client_Cert: :AAAA:\r\n"
+    b"Client-Cert-Chain: :AAAA:, :BBBB:\r\n"
+    b"client-cert-chain: :CCCC:\r\n"
+    b"CLIENT_CERT_CHAIN: :DDDD:\r\n"
+)
+SELECTIONS = [
+    (),
+    ("xfcc",),
+    ("client-cert",),
+    ("client-cert", "client-cert-chain"),
+    ("client-cert-chain", "client-cert", "xfcc"),
+]
+
+
+def test_the_default_route_forwards_exactly_what_it_did_before() -> None:
+    request = parsed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert upstream_request_headers(request, IDENT, "192.0.2.9") == [
+        (b"Host", b"a"),
+        (b"X-Forwarded-For", b"192.0.2.9"),
+        (b"X-Forwarded-Proto", b"https"),
+        (b"X-Forwarded-Host", b"a"),
+        (b"X-Forwarded-Client-Cert", OUR_XFCC),
+    ]
+    assert relay_headers.forwarding_headers(IDENT, "192.0.2.9") == relay_headers.forwarding_headers(
+        IDENT, "192.0.2.9", identity_headers=("xfcc",), certificates=CERTS
+    )
+
+
+def test_each_identity_header_when_chosen_in_a_fixed_order() -> None:
+    request = parsed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    out = upstream_request_headers(
+        request,
+        IDENT,
+        "192.0.2.9",
+        identity_headers=("client-cert-chain", "client-cert", "xfcc"),
+        certificates=CERTS,
+    )
+    assert out[-3:] == [
+        (b"X-Forwarded-Client-Cert", OUR_XFCC),
+        (b"Client-Cert", client_cert(CERTS.leaf)),
+        (b"Client-Cert-Chain", client_cert_chain(CERTS.chain or ())),
+    ]
+    only_cert = upstream_request_headers(
+        request, IDENT, "192.0.2.9", identity_headers=("client-cert",), certificates=CERTS
+    )
+    assert only_cert[-1] == (b"Client-Cert", b":" + base64.b64encode(CERTS.leaf) + b":")
+    assert b"x-forwarded-client-cert" not in names(only_cert)
+    assert b"client-cert-chain" not in names(only_cert)
+
+
+def test_an_empty_list_forwards_no_identity_header_at_all() -> None:
+    request = parsed(b"GET / HTTP/1.1\r\nHost: a\r\n" + SPOOFED_CERT + b"\r\n")
+    out = upstream_request_headers(request, IDENT, "192.0.2.9", identity_headers=())
+    assert names(out) == [b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"]
+
+
+def test_no_chain_field_when_the_chain_is_empty_or_unknown() -> None:
+    chosen = ("client-cert", "client-cert-chain")
+    for chain in ((), None):
+        certs = PeerCertificates(leaf=b"leaf", chain=chain)
+        out = relay_headers.forwarding_headers(
+            IDENT, "192.0.2.9", identity_headers=chosen, certificates=certs
+        )
+        assert names(out)[-1] == b"client-cert"
+
+
+def test_client_cert_without_the_verified_certificate_is_refused_not_sent_empty() -> None:
+    with pytest.raises(HttpError) as caught:
+        relay_headers.forwarding_headers(IDENT, "192.0.2.9", identity_headers=("client-cert",))
+    assert caught.value.status == 500
+
+
+@pytest.mark.parametrize("chosen", SELECTIONS)
+@pytest.mark.parametrize("websocket", [False, True])
+def test_client_sent_client_cert_never_passes_whatever_the_route_forwards(
+    chosen: tuple[str, ...], websocket: bool
+) -> None:
+    raw = (WEBSOCKET if websocket else b"GET / HTTP/1.1\r\nHost: a\r\n").replace(
+        b"\r\n\r\n", b"\r\n"
+    )
+    # Also named as hop-by-hop in Connection, which must not make the proxy drop its own.
+    raw += SPOOFED_CERT + b"Connection: Client-Cert, client-cert-chain\r\n\r\n"
+    request = parsed(raw)
+    out = upstream_request_headers(
+        request,
+        IDENT,
+        "192.0.2.9",
+        allow_websocket=websocket,
+        identity_headers=chosen,
+        certificates=CERTS,
+    )
+    folded = [n.replace(b"_", b"-") for n in names(out)]
+    want_cert = [client_cert(CERTS.leaf)] if "client-cert" in chosen else []
+    chained = "client-cert-chain" in chosen and "client-cert" in chosen
+    want_chain = [client_cert_chain(CERTS.chain or ())] if chained else []
+    assert get_all(out, b"client-cert") == want_cert
+    assert get_all(out, b"client-cert-chain") == want_chain
+    assert folded.count(b"client-cert") == len(want_cert)
+    assert folded.count(b"client-cert-chain") == len(want_chain)
+    assert b":AAAA:" not in b"".join(v for _, v in out)
+    if websocket:
+        assert get_all(out, b"upgrade") == [b"websocket"]

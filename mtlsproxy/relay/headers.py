@@ -20,8 +20,14 @@ Dropped on every request (RFC 9110 §7.6.1, plus what proxies actually abuse):
   Any other upgrade (``h2c`` above all, "h2c smuggling") is dropped: the backend answers
   the request as plain HTTP/1.1.
 - Every header that claims to be written by a proxy: ``X-Forwarded-Client-Cert``,
-  ``X-Forwarded-For``, ``X-Forwarded-Proto``, ``X-Forwarded-Host``,
-  ``X-Forwarded-Port``, ``Forwarded``, ``X-Real-IP``; any case, any count.
+  ``Client-Cert``, ``Client-Cert-Chain`` (RFC 9440 §2.4), ``X-Forwarded-For``,
+  ``X-Forwarded-Proto``, ``X-Forwarded-Host``, ``X-Forwarded-Port``, ``Forwarded``,
+  ``X-Real-IP``; any case, any count, with ``_`` for ``-``, on every route, whichever
+  identity headers the route itself forwards.
+
+The identity headers a route forwards (``identity_headers`` in the config: XFCC, RFC
+9440's Client-Cert and Client-Cert-Chain, or none) are built once per connection and
+route (``forwarding_headers``), from the verified identity and certificates only.
 
 X-Forwarded-For is *replaced* by the connecting address, not appended to. mtlsproxy is
 the edge: whatever a client put there is the client's claim, and the usual backend
@@ -34,7 +40,14 @@ from __future__ import annotations
 
 import ipaddress
 
-from mtlsproxy.identity import Identity
+from mtlsproxy.identity import Identity, PeerCertificates
+from mtlsproxy.relay.client_cert import (
+    CLIENT_CERT,
+    CLIENT_CERT_CHAIN,
+    client_cert,
+    client_cert_chain,
+)
+from mtlsproxy.relay.errors import HttpError
 from mtlsproxy.relay.framing import connection_tokens
 from mtlsproxy.relay.h1 import RequestHead
 from mtlsproxy.relay.xfcc import format_xfcc
@@ -55,6 +68,8 @@ HOP_BY_HOP = frozenset(
 PROXY_OWNED = frozenset(
     {
         b"x-forwarded-client-cert",
+        b"client-cert",
+        b"client-cert-chain",
         b"x-forwarded-for",
         b"x-forwarded-proto",
         b"x-forwarded-host",
@@ -63,6 +78,8 @@ PROXY_OWNED = frozenset(
         b"x-real-ip",
     }
 )
+# What a route forwards when its config does not say (config.Route.identity_headers).
+DEFAULT_IDENTITY_HEADERS = ("xfcc",)
 # Fields a Connection header may name without effect.
 _PROTECTED = frozenset({b"host", b"content-length"})
 
@@ -98,14 +115,40 @@ def _is_hop(name: bytes, nominated: frozenset[bytes]) -> bool:
     )
 
 
-def forwarding_headers(identity: Identity, client_ip: str, *, by: str | None = None) -> Headers:
-    """The headers that say who the client is: the same for every request of a connection,
-    so built once per connection (``upstream_request_headers(forwarding=...)``)."""
-    return [
+def forwarding_headers(
+    identity: Identity,
+    client_ip: str,
+    *,
+    by: str | None = None,
+    identity_headers: tuple[str, ...] = DEFAULT_IDENTITY_HEADERS,
+    certificates: PeerCertificates | None = None,
+) -> Headers:
+    """The headers that say who the client is: the same for every request of a connection
+    and route, so built once per connection and route
+    (``upstream_request_headers(forwarding=...)``): X-Forwarded-For, X-Forwarded-Proto,
+    then the route's ``identity_headers`` in a fixed order (XFCC, Client-Cert,
+    Client-Cert-Chain). ``certificates``: what the handshake verified, needed for
+    Client-Cert; without it the request is refused (500), never sent without.
+    Client-Cert-Chain goes only with Client-Cert, and not when the chain is empty or not
+    known (a resumed session whose chain was not remembered)."""
+    out: Headers = [
         (b"X-Forwarded-For", _address(client_ip).encode("ascii")),
         (b"X-Forwarded-Proto", b"https"),
-        (b"X-Forwarded-Client-Cert", format_xfcc(identity, by=by).encode("utf-8")),
     ]
+    if "xfcc" in identity_headers:
+        out.append((b"X-Forwarded-Client-Cert", format_xfcc(identity, by=by).encode("utf-8")))
+    if "client-cert" in identity_headers:
+        if certificates is None:
+            raise HttpError(
+                "client certificate not available",
+                log_detail="the verified client certificate is not known on this connection",
+            )
+        out.append((CLIENT_CERT, client_cert(certificates.leaf)))
+        if "client-cert-chain" in identity_headers and certificates.chain is not None:
+            chain = client_cert_chain(certificates.chain)
+            if chain is not None:
+                out.append((CLIENT_CERT_CHAIN, chain))
+    return out
 
 
 def upstream_request_headers(
@@ -116,9 +159,12 @@ def upstream_request_headers(
     allow_websocket: bool = False,
     by: str | None = None,
     forwarding: Headers | None = None,
+    identity_headers: tuple[str, ...] = DEFAULT_IDENTITY_HEADERS,
+    certificates: PeerCertificates | None = None,
 ) -> Headers:
     """Headers for the backend. ``by`` is the proxy's own URI SAN, for XFCC ``By=``;
-    ``forwarding``: ``forwarding_headers`` of this connection, when already built."""
+    ``forwarding``: ``forwarding_headers`` of this connection and route, when already
+    built (else built from ``identity_headers`` and ``certificates``)."""
     nominated = head.connection
     host: bytes | None = None
     chunked = False
@@ -145,12 +191,17 @@ def upstream_request_headers(
     if allow_websocket and is_websocket_upgrade(head):
         out += [(b"Connection", b"Upgrade"), (b"Upgrade", b"websocket")]
     if forwarding is None:
-        forwarding = forwarding_headers(identity, client_ip, by=by)
-    xff, proto, xfcc = forwarding
-    out += (xff, proto)
+        forwarding = forwarding_headers(
+            identity,
+            client_ip,
+            by=by,
+            identity_headers=identity_headers,
+            certificates=certificates,
+        )
+    out += forwarding[:2]  # X-Forwarded-For, X-Forwarded-Proto
     if host is not None:
         out.append((b"X-Forwarded-Host", host))
-    out.append(xfcc)
+    out += forwarding[2:]  # the identity headers
     return out
 
 

@@ -55,7 +55,7 @@ import trio
 from mtlsproxy import accesslog
 from mtlsproxy.config import Listener, Route
 from mtlsproxy.denylist import DenyList
-from mtlsproxy.identity import Identity
+from mtlsproxy.identity import Identity, PeerCertificates
 from mtlsproxy.metrics import Metrics
 from mtlsproxy.policy import Allow
 from mtlsproxy.relay.errors import (
@@ -136,7 +136,9 @@ class HttpConnection:
     """Serves one client connection: any trio stream, plus what is known of the peer.
 
     ``deny_list`` gives the current deny list (the credential store's); ``proxy_header``
-    makes the PROXY v2 header for this client when a route asks for one.
+    makes the PROXY v2 header for this client when a route asks for one;
+    ``peer_certificates`` gives the verified certificates (asked once per connection and
+    route, by a route that forwards RFC 9440's Client-Cert).
     """
 
     # One per client connection, alive as long as it is: no per-instance dict.
@@ -156,6 +158,7 @@ class HttpConnection:
         "identity",
         "listener",
         "metrics",
+        "peer_certificates",
         "pool",
         "proxy_header",
         "routes",
@@ -176,6 +179,7 @@ class HttpConnection:
         client_ip: str,
         access: accesslog.AccessLog,
         proxy_header: Callable[[], bytes] = lambda: b"",
+        peer_certificates: Callable[[], PeerCertificates | None] = lambda: None,
     ) -> None:
         self.stream = stream
         self.session = session
@@ -188,6 +192,7 @@ class HttpConnection:
         self.access = access
         self.client_ip = client_ip
         self.proxy_header = proxy_header
+        self.peer_certificates = peer_certificates
         # True when the connection ends with no unread input from the client, so a
         # plain close cannot turn into a RST that destroys the last response.
         self.clean_end = False
@@ -197,9 +202,9 @@ class HttpConnection:
         self._phase = _IDLE
         self._pumping = False  # the request body's pump runs: the response head waits
         self._current: tuple[RequestHead | None, Exchange[RouteRuntime] | None, float] | None = None
-        # Per connection, not per request: XFF, X-Forwarded-Proto and XFCC, and the
-        # verdict of each route's allow rules on this identity.
-        self._forwarding: Headers | None = None
+        # Per connection and route, not per request: XFF, X-Forwarded-Proto and the
+        # route's identity headers, and the verdict of the route's allow rules.
+        self._forwarding: dict[int, Headers] = {}
         self._allowed: dict[int, bool] = {}
 
     async def run(self) -> None:
@@ -461,14 +466,15 @@ class HttpConnection:
     async def _forward(self, exchange: Exchange[RouteRuntime]) -> None:
         route = exchange.route
         head = exchange.head
-        if self._forwarding is None:
-            self._forwarding = forwarding_headers(self.identity, self.client_ip)
+        forwarding = self._forwarding.get(route.index)
+        if forwarding is None:
+            forwarding = self._forwarding[route.index] = self._identify(route)
         headers = upstream_request_headers(
             head,
             self.identity,
             self.client_ip,
             allow_websocket=exchange.websocket,
-            forwarding=self._forwarding,
+            forwarding=forwarding,
         )
         # We answer `Expect: 100-continue` ourselves, once a backend connection is up,
         # so the expectation must not travel on.
@@ -504,6 +510,14 @@ class HttpConnection:
             if not self.pool.release(up):
                 await discard(up)
             return
+
+    def _identify(self, route: RouteRuntime) -> Headers:
+        """The forwarding headers of ``route`` for this connection (once per route)."""
+        chosen = route.config.identity_headers
+        certificates = self.peer_certificates() if "client-cert" in chosen else None
+        return forwarding_headers(
+            self.identity, self.client_ip, identity_headers=chosen, certificates=certificates
+        )
 
     def _buffered_body(self, exchange: Exchange[RouteRuntime]) -> bytes:
         """What the reader holds of the request after its head (for a request without a

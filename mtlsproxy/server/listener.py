@@ -25,7 +25,13 @@ import trio
 from mtlsproxy.accesslog import AccessLog
 from mtlsproxy.address import Address, peer_name
 from mtlsproxy.config import Listener
-from mtlsproxy.identity import Identity, IdentityCache, IdentityError
+from mtlsproxy.identity import (
+    Identity,
+    IdentityCache,
+    IdentityError,
+    PeerCertificateCache,
+    PeerCertificates,
+)
 from mtlsproxy.metrics import Metrics
 from mtlsproxy.policy import Allow
 from mtlsproxy.relay.routing import RouteTable
@@ -55,6 +61,12 @@ class Shared:
     handshake_timeout: float
     access: AccessLog
     identities: IdentityCache = field(default_factory=IdentityCache)
+    # The verified DER of leaves (and the chain each was last verified with) for RFC
+    # 9440's headers. ``remember_chains``: some route forwards Client-Cert-Chain, so every
+    # full handshake records its chain for the sessions that resume from it (on any http
+    # listener: they share one TLS context).
+    certificates: PeerCertificateCache = field(default_factory=PeerCertificateCache)
+    remember_chains: bool = False
 
 
 @dataclass
@@ -66,10 +78,14 @@ class ListenerRuntime:
     # Made once: every session refers to this string, not a copy of its own.
     label: str = field(init=False)
     allow: Allow | None = field(init=False)  # mode = "tcp": its rules, normalized at load
+    forwards_chain: bool = field(init=False)  # a route sends Client-Cert-Chain
 
     def __post_init__(self) -> None:
         self.label = self.config.label
         self.allow = None if self.config.allow is None else Allow(self.config.allow)
+        self.forwards_chain = any(
+            "client-cert-chain" in route.identity_headers for route in self.config.routes
+        )
 
 
 async def accept_loop(
@@ -78,6 +94,8 @@ async def accept_loop(
     shared: Shared,
     connections: trio.Nursery,
 ) -> None:
+    if runtime.forwards_chain:  # before this listener's first handshake
+        shared.remember_chains = True
     while True:
         await runtime.limit.acquire()
         try:
@@ -199,6 +217,8 @@ def _verdict(runtime: ListenerRuntime, tls: TLSStream, shared: Shared, peer: str
     if result == "ok":
         remaining = (identity.not_after - now).total_seconds()
         metrics.child(metrics.client_cert_remaining, label).observe(remaining)
+        if shared.remember_chains and not reused:
+            _remember_certificates(tls, identity, shared)
     else:
         log.info("listener %s: refused %s (%s): %s", label, peer, identity.name, result)
         if runtime.config.mode != "http" or result not in ("expired", "denied"):
@@ -223,7 +243,31 @@ def _http_connection(
         access=shared.access,
         client_ip=session.peer.rsplit(":", 1)[0].strip("[]"),
         proxy_header=lambda: proxy_header(tls, session),
+        peer_certificates=lambda: _peer_certificates(tls, session.identity, shared),
     )
+
+
+def _peer_certificates(
+    tls: TLSStream, identity: Identity, shared: Shared
+) -> PeerCertificates | None:
+    """The verified certificates of this connection's leaf: remembered (the chain of its
+    last full handshake, for a resumed session), else read from the connection."""
+    known = shared.certificates.get(identity.sha256)
+    return known if known is not None else _remember_certificates(tls, identity, shared)
+
+
+def _remember_certificates(
+    tls: TLSStream, identity: Identity, shared: Shared
+) -> PeerCertificates | None:
+    leaf = tls.peer_certificate  # verified; a resumed session still has it
+    if leaf is None:
+        return None
+    # A resumed session has no verified chain: only the leaf is known then.
+    verified = None if tls.session_reused else tls.verified_chain
+    found = PeerCertificates.from_verified(identity.sha256, leaf, verified)
+    if found is not None:
+        shared.certificates.put(identity.sha256, found)
+    return found
 
 
 def _identity(tls: TLSStream, shared: Shared) -> Identity:
