@@ -164,3 +164,31 @@ def test_the_kubernetes_renewer_keeps_the_mounted_secrets_fresh_without_the_root
         for mount in container["volumeMounts"]:
             assert mount.get("readOnly") or "emptyDir" in volumes[mount["name"]]
     assert job["securityContext"]["runAsUser"] == 10001
+
+
+def _commands(text: str) -> list[str]:
+    """Shell commands with their continuation lines joined, comments and blanks left out."""
+    joined = re.sub(r"\\\n\s*", " ", text)
+    lines = (re.sub(r"\s+#.*$", "", line).strip() for line in joined.splitlines())
+    return [" ".join(line.split()) for line in lines if line and not line.startswith("#")]
+
+
+def test_the_deploy_readme_walkthrough_is_the_script_that_the_compose_test_runs() -> None:
+    readme = (DEPLOY / "README.md").read_text()
+    section = readme.split("## Bring it up, connect, renew: the walkthrough")[1].split("\n## ")[0]
+    blocks = re.findall(r"```sh\n(.*?)```", section, re.DOTALL)
+    script = (DEPLOY / "walkthrough.sh").read_text()
+    in_script = set(_commands(script))
+    printed = [c for block in blocks[1:] for c in _commands(block)]  # [0]: how to run it
+    assert len(printed) >= 12
+    for command in printed:
+        spelled = command.replace("localhost:8443", "localhost:$HTTPS_PORT").replace(
+            "localhost:8444", "localhost:$TCP_PORT"
+        )
+        if command.startswith("C="):
+            assert f"{spelled.split('#')[0].strip()}" in script
+            continue
+        assert spelled in in_script, (
+            f"deploy/README.md prints a command the script does not run: {command}"
+        )
+    assert "docker-compose" in script and "docker compose" in script  # either is found

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from compose_support import ENV, HTTPS_PORT, PROJECT, TCP_PORT, compose, sh, useful_line
+from compose_support import DEPLOY, ENV, HTTPS_PORT, PROJECT, TCP_PORT, compose, sh, useful_line
 from websockets.sync.client import connect as ws_connect
 
 
@@ -88,6 +88,24 @@ def test_http_request_carries_the_verified_identity(tester: dict[str, Path]) -> 
     (xfcc,) = answer.json()["headers"]["x-forwarded-client-cert"]
     assert f"Hash={leaf_sha256(tester['crt'])}" in xfcc
     assert "URI=spiffe://game.example/e2e" in xfcc
+
+
+def test_the_readme_walkthrough_runs_as_printed(stack: None, tmp_path: Path) -> None:
+    """deploy/walkthrough.sh holds deploy/README.md's commands (tests/test_deploy.py keeps
+    the two in step): run on the stack, as a user would, in a folder of their own."""
+    env = dict(ENV, COMPOSE_PROJECT_NAME=PROJECT, WALKTHROUGH_DIR=str(tmp_path))
+    done = sh(str(DEPLOY / "walkthrough.sh"), env=env, timeout=600)
+    out = done.stdout
+    assert '"x-forwarded-client-cert"' in out and "URI=spiffe://game.example/player/1" in out
+    assert "refused, as it should be" in out
+    greeting, echo = out.split("== raw TCP")[1].splitlines()[1:3]
+    assert json.loads(greeting)["cn"] == "player-1" and echo == "hello over tcp"
+    assert "renewed player-1.crt" in out and "after renewal: HTTP 200" in out
+    # the files were copied byte for byte (no terminal: no CRLF, not empty)
+    for name in ("player-1.crt", "player-1.key", "ca.crt"):
+        data = (tmp_path / name).read_bytes()
+        assert data.startswith(b"-----BEGIN") and b"\r\n" not in data, name
+    assert (tmp_path / "player-1.key").stat().st_mode & 0o077 == 0
 
 
 def test_curl_with_and_without_a_client_certificate(tester: dict[str, Path]) -> None:
