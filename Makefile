@@ -1,35 +1,38 @@
 # Two commands on a fresh machine: `make run` and `make test`.
-# Each creates .venv when it is missing and installs what it needs.
+# Each creates .venv when it is missing and installs what it needs, at the versions (and
+# hashes) locked in requirements/: run.txt for `make run` (no linters, no test tools),
+# test.txt for `make test`. `make lock` refreshes both from pyproject.toml.
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-stamp
+RUN_STAMP  := $(VENV)/.run-stamp
+TEST_STAMP := $(VENV)/.test-stamp
 
 BENCH_STAMP := $(VENV)/.bench-stamp
 
-.PHONY: run test test-compose check lint typecheck imports pytest system-tools bench clean
+.PHONY: run test test-compose check lint typecheck imports pytest system-tools bench lock clean
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(BIN)/mtlsproxy quickstart
 
-test: $(STAMP) system-tools check pytest
+test: $(TEST_STAMP) system-tools check pytest
 
 check: lint typecheck imports
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(BIN)/ruff check mtlsproxy tests tests_compose benchmarks
 	$(BIN)/ruff format --check mtlsproxy tests tests_compose benchmarks
 
-typecheck: $(STAMP)
+typecheck: $(TEST_STAMP)
 	$(BIN)/mypy
 
 # The floors of docs/architecture.md as import-linter contracts ([tool.importlinter] in
 # pyproject.toml): nothing imports upwards, the proxy process never loads pki/.
-imports: $(STAMP)
+imports: $(TEST_STAMP)
 	$(BIN)/lint-imports --no-cache
 
-pytest: $(STAMP) system-tools
+pytest: $(TEST_STAMP) system-tools
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 # curl and openssl are the tests' real clients; cc and the OpenSSL headers build the
@@ -40,7 +43,7 @@ system-tools:
 
 # The docker-compose stack (deploy/) built and run for real, checked from the host; starts
 # dockerd when none runs and stops it after (tests_compose/test_stack.py says how).
-test-compose: $(STAMP)
+test-compose: $(TEST_STAMP)
 	@scripts/ensure-system-tools curl dockerd:docker.io docker-compose:docker-compose \
 		debootstrap:debootstrap
 	$(BIN)/pytest tests_compose -o testpaths=tests_compose --timeout 1200 $(PYTEST_ARGS)
@@ -52,16 +55,34 @@ bench: $(BENCH_STAMP)
 	$(MAKE) -C benchmarks/loadgen
 	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
 
-$(BENCH_STAMP): $(STAMP)
+$(BENCH_STAMP): $(TEST_STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	@touch $@
 
-# Re-install when pyproject.toml changes; the stamp keeps `make test` fast otherwise.
-$(STAMP): pyproject.toml
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+# Re-install when the locks change; the stamps keep `make test` fast otherwise. The locked
+# packages first (every one checked against its hash), then the project itself, editable.
+$(RUN_STAMP): requirements/run.txt pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --require-hashes -r requirements/run.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
 	@touch $@
+
+$(TEST_STAMP): requirements/test.txt pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --require-hashes -r requirements/test.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	@touch $@
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# After a change of dependencies in pyproject.toml: exact versions and hashes, resolved on
+# this Python (3.11); commit the result.
+LOCK := $(BIN)/pip-compile --quiet --generate-hashes --no-emit-index-url --no-emit-find-links \
+	--strip-extras
+lock: | $(BIN)/python
+	$(BIN)/python -m pip install --quiet pip-tools
+	$(LOCK) --extra demo -o requirements/run.txt pyproject.toml
+	$(LOCK) --extra demo --extra client --extra test -o requirements/test.txt pyproject.toml
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis mtlsproxy.egg-info

@@ -29,8 +29,8 @@ from typing import Any
 import h11
 import msgspec
 import trio
-import trio_websocket
 
+from mtlsproxy.errors import UsageError
 from mtlsproxy.relay import proxy_protocol
 
 log = logging.getLogger("mtlsproxy.demo_backend")
@@ -186,9 +186,22 @@ async def _read_proxy_header(stream: trio.SocketStream) -> tuple[dict[str, Any],
 async def serve_websocket_echo(
     host: str, port: int, *, task_status: Any = trio.TASK_STATUS_IGNORED
 ) -> None:
-    await trio_websocket.serve_websocket(
+    await websocket_library().serve_websocket(
         _websocket_echo, host, port, ssl_context=None, task_status=task_status
     )
+
+
+def websocket_library() -> Any:
+    """trio-websocket, which only the demo's WebSocket echo needs (the ``demo`` extra): the
+    proxy relays WebSocket frames itself, so ``pip install mtlsproxy`` leaves it out."""
+    try:
+        import trio_websocket  # noqa: PLC0415 - optional: the demo extra
+    except ImportError as exc:
+        raise UsageError(
+            "the demo backend's WebSocket echo needs trio-websocket, which is not installed:"
+            " pip install 'mtlsproxy[demo]'"
+        ) from exc
+    return trio_websocket
 
 
 async def _websocket_echo(request: Any) -> None:
@@ -210,7 +223,7 @@ async def _websocket_echo(request: Any) -> None:
                 await ws.aclose(int(code), reason)
                 return
             await ws.send_message(message)
-    except trio_websocket.ConnectionClosed:
+    except websocket_library().ConnectionClosed:
         return
 
 

@@ -192,7 +192,7 @@ async def test_the_design_sample_config_serves_unchanged(
     server_pair: Pair,
     client_pair: Pair,
 ) -> None:
-    """The sample in shared/DESIGN.md, byte for byte, with its fixed ports."""
+    """The sample of docs/interfaces.md, byte for byte, with its fixed ports."""
     for src, name in ((server_pair.crt, "server.crt"), (server_pair.key, "server.key"),
                       (ca.folder / "ca.crt", "ca.crt")):  # fmt: skip
         (tmp_path / name).write_bytes(src.read_bytes())

@@ -104,10 +104,14 @@ def _debootstrap(tag: str) -> None:
 
 @pytest.fixture(scope="session")
 def wheels() -> Iterator[Path]:
-    """The project's wheels, built on the host: the image installs from them offline."""
+    """The locked dependencies' wheels and the project's, fetched and built on the host as
+    deploy/Dockerfile says: the image installs from them offline, hashes checked."""
     folder = DEPLOY / "wheels"
-    sh(sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(folder), str(ROOT),
+    sh(sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:",
+       "--require-hashes", "-r", str(ROOT / "requirements" / "run.txt"), "-d", str(folder),
        timeout=900)  # fmt: skip
+    sh(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(folder),
+       str(ROOT), timeout=900)  # fmt: skip
     try:
         yield folder
     finally:
@@ -119,7 +123,7 @@ def wheels() -> Iterator[Path]:
 def image(base_image: str, wheels: Path) -> Iterator[str]:
     """The project's image under the Kubernetes example's name, built for the session."""
     tag = "mtlsproxy:0.1.0"
-    sh("docker", "build", "--quiet", "--build-arg", f"BASE={base_image}", "-f",
+    sh("docker", "build", "--quiet", "--force-rm", "--build-arg", f"BASE={base_image}", "-f",
        str(DEPLOY / "Dockerfile"), "-t", tag, str(ROOT), timeout=900)  # fmt: skip
     try:
         yield tag

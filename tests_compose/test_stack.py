@@ -32,7 +32,8 @@ from websockets.sync.client import connect as ws_connect
 def stack(base_image: str, wheels: Path) -> Iterator[None]:
     ENV["MTLSPROXY_BASE"] = base_image  # every compose command builds from it
     try:
-        compose("up", "-d", "--build")
+        compose("build", "--force-rm")  # a failed build leaves no container behind
+        compose("up", "-d")
         deadline = time.monotonic() + 180
         while True:
             state = sh("docker", "inspect", "--format", "{{.State.Health.Status}}",

@@ -1,6 +1,6 @@
 """WebSocket sessions after the 101: frames relayed untouched, closes the proxy's own.
 
-Why frames and not trio-websocket on both legs (DESIGN note): relaying frames keeps
+Why frames and not trio-websocket on both legs: relaying frames keeps
 everything the two ends negotiated (subprotocol, extensions such as permessage-deflate,
 fragmentation, ping payloads, close codes and reasons) exactly as sent, costs no
 re-encoding, and needs no second WebSocket handshake towards the backend. The proxy still

@@ -5,7 +5,7 @@ Theory of operation
 
 trio's own ``SSLStream`` drives the stdlib ``ssl`` module through memory BIOs: Python
 shuttles every ciphertext byte between OpenSSL and the socket. We let OpenSSL own the
-socket instead ("socket mode", see DESIGN.md for the measurement): the
+socket instead ("socket mode", docs/tls-engine.md has the measurement): the
 ``SSL.Connection`` reads and writes the file descriptor itself, and we only call it
 non-blockingly and, when it answers WantRead/WantWrite, park the task with
 ``trio.lowlevel.wait_readable``/``wait_writable`` and call it again. Every public
