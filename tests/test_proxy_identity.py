@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import logging
 import socket
 import ssl
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import httpx
 import pytest
 import trio
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from proxy_env import decode, parse_responses
+from cryptography.hazmat.primitives.serialization import Encoding
+from proxy_env import decode, parse_responses, read_request, serve_raw
 from support import IssueFn, Pair
 
 from mtlsproxy import pem
@@ -233,3 +238,215 @@ async def test_each_refusal_is_logged_with_peer_and_reason(
     lines = [r.getMessage() for r in caplog.records]
     for reason in ("no_cert", "unknown_ca"):
         assert any("refused 127.0.0.1:" in x and f": {reason} " in x for x in lines), lines
+
+
+# ---- RFC 9440 Client-Cert / Client-Cert-Chain, chosen per route (issue 16 item 6) --------
+
+IDENTITY_ROUTES = """
+[[listeners.routes]]
+path_prefix = "/cert"
+backends = ["127.0.0.1:{port}"]
+identity_headers = ["client-cert"]
+
+[[listeners.routes]]
+path_prefix = "/chain"
+backends = ["127.0.0.1:{port}"]
+identity_headers = ["xfcc", "client-cert", "client-cert-chain"]
+websocket = true
+
+[[listeners.routes]]
+path_prefix = "/none"
+backends = ["127.0.0.1:{port}"]
+identity_headers = []
+
+[[listeners.routes]]
+path_prefix = "/"
+backends = ["127.0.0.1:{port}"]
+websocket = true
+"""
+IDENTITY_NAMES = ("x-forwarded-client-cert", "client-cert", "client-cert-chain")
+# Every spelling a client might try: cases, duplicates, CGI's underscore, a list value.
+SPOOF = (
+    "Client-Cert: :AAAA:\r\nclient-cert: :AAAA:\r\nCLIENT-CERT: :AAAA:\r\nClient_Cert: :AAAA:\r\n"
+    "Client-Cert-Chain: :AAAA:, :AAAA:\r\nclient-cert-chain: :AAAA:\r\n"
+    "CLIENT_CERT_CHAIN: :AAAA:\r\n"
+)
+
+
+async def _echo_every_header(stream: trio.SocketStream) -> None:
+    """A backend that answers every header it received (names lowercased, values as
+    received, in order), unlike the demo backend, which answers a fixed list."""
+    await _answer_headers(stream, await read_request(stream))
+
+
+async def _answer_headers(stream: trio.SocketStream, head: bytes) -> None:
+    seen: dict[str, list[str]] = {}
+    for line in head.split(b"\r\n\r\n")[0].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        seen.setdefault(name.decode().lower(), []).append(value.strip().decode())
+    body = json.dumps({"target": head.split(b" ")[1].decode(), "headers": seen}).encode()
+    await stream.send_all(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    await stream.aclose()
+
+
+async def identity_env(make_env, nursery):  # -> proxy_env.Env
+    port = await serve_raw(nursery, _echo_every_header)
+    return await make_env(routes=IDENTITY_ROUTES.replace("{port}", str(port)), backends=0)
+
+
+def der_of(path: Path) -> list[bytes]:
+    return [c.public_bytes(Encoding.DER) for c in pem.load_certificates(path.read_bytes(), path)]
+
+
+def byte_sequences(values: list[str]) -> list[bytes]:
+    """Decoded apart from the proxy's encoder: one field, RFC 8941 members split on ", "."""
+    out = []
+    for value in values:
+        for member in value.split(", "):
+            assert member.startswith(":") and member.endswith(":"), member
+            out.append(base64.b64decode(member[1:-1], validate=True))
+    return out
+
+
+async def test_a_client_cert_route_gives_the_backend_exactly_the_client_s_certificate(
+    make_env, nursery, client_pair: Pair
+) -> None:
+    env = await identity_env(make_env, nursery)
+    leaf, _issuer = der_of(client_pair.crt)
+    # curl and requests send the leaf and the intermediate, as `ca issue` writes them.
+    proc = await env.curl(env.url + "/cert/x")
+    assert proc.returncode == 0, proc.stderr
+    for seen in (decode(proc.stdout), await env.get_json("/cert/y")):
+        headers = seen["headers"]
+        (value,) = headers["client-cert"]  # one field, one value
+        assert byte_sequences([value]) == [leaf]
+        assert x509.load_der_x509_certificate(leaf).subject.rfc4514_string() == (
+            "CN=player-1,OU=players"
+        )
+        assert "client-cert-chain" not in headers and XFCC not in headers
+        assert headers["x-forwarded-for"] == ["127.0.0.1"]
+
+
+async def test_a_chain_route_gives_the_intermediates_without_the_root(
+    make_env, nursery, client_pair: Pair, ca
+) -> None:
+    env = await identity_env(make_env, nursery)
+    leaf, issuer = der_of(client_pair.crt)
+    (root,) = der_of(ca.folder / "ca.crt")
+    seen = (await env.get_json("/chain/x"))["headers"]
+    assert byte_sequences(seen["client-cert"]) == [leaf]
+    assert byte_sequences(seen["client-cert-chain"]) == [issuer]  # the trust anchor left out
+    assert root not in byte_sequences(seen["client-cert-chain"])
+    (xfcc,) = seen[XFCC]
+    assert parse_xfcc(xfcc)[0].get("Hash") == leaf_sha256(client_pair)
+
+
+async def test_the_default_route_gives_xfcc_only_and_an_empty_list_gives_none(
+    make_env, nursery, client_pair: Pair
+) -> None:
+    env = await identity_env(make_env, nursery)
+    seen = (await env.get_json("/elsewhere"))["headers"]
+    assert [n for n in IDENTITY_NAMES if n in seen] == [XFCC]
+    assert parse_xfcc(seen[XFCC][0])[0].get("Hash") == leaf_sha256(client_pair)
+    seen = (await env.get_json("/none/x"))["headers"]
+    assert [n for n in IDENTITY_NAMES if n in seen] == []
+    assert seen["x-forwarded-for"] == ["127.0.0.1"]
+
+
+@pytest.mark.parametrize("path", ["/cert", "/chain", "/none", "/"])
+@pytest.mark.parametrize(
+    "connection", ["close", "close, Client-Cert, Client-Cert-Chain"], ids=["plain", "nominated"]
+)
+async def test_client_sent_identity_headers_never_reach_the_backend_on_any_route(
+    make_env, nursery, client_pair: Pair, path: str, connection: str
+) -> None:
+    env = await identity_env(make_env, nursery)
+    leaf, issuer = der_of(client_pair.crt)
+    for upgrade in ("", "Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                        "Sec-WebSocket-Version: 13\r\n"):  # fmt: skip
+        hop = "Connection: Upgrade\r\n" if upgrade else ""
+        raw = (
+            f"GET {path} HTTP/1.1\r\nHost: localhost\r\n{upgrade}{SPOOF}"
+            f"Connection: {connection}\r\n{hop}"
+            f"X-Forwarded-Client-Cert: Hash=00\r\n\r\n"
+        ).encode()
+        (answer,) = parse_responses(await env.raw(raw))
+        assert answer.status == 200
+        seen = decode(answer.body)["headers"]
+        assert not any(":AAAA:" in v for values in seen.values() for v in values)
+        assert not any(k.replace("_", "-") in IDENTITY_NAMES and "_" in k for k in seen)
+        want = {
+            "/cert": {"client-cert": [leaf]},
+            "/chain": {"client-cert": [leaf], "client-cert-chain": [issuer]},
+            "/none": {},
+            "/": {},
+        }[path]
+        for name in ("client-cert", "client-cert-chain"):
+            assert byte_sequences(seen.get(name, [])) == want.get(name, [])
+        assert len(seen.get(XFCC, [])) == (1 if path in ("/chain", "/") else 0)
+        if upgrade and path in ("/chain", "/"):  # the WebSocket handshake went up as one
+            assert seen["upgrade"] == ["websocket"]
+
+
+async def test_a_resumed_session_forwards_the_same_certificate_and_chain(
+    make_env, nursery, client_pair: Pair
+) -> None:
+    """OpenSSL keeps only the leaf in a session: the chain of a resumed session is the one
+    its full handshake verified, remembered even when that connection used no route that
+    forwards it."""
+    env = await identity_env(make_env, nursery)
+
+    def connections(paths: list[str]) -> list[tuple[bool, bytes]]:
+        ctx = ssl.create_default_context(cafile=str(env.ca_bundle))
+        ctx.load_cert_chain(client_pair.crt, client_pair.key)
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2  # sessions are available right away
+        session = None
+        out = []
+        for path in paths:
+            with (
+                socket.create_connection(("127.0.0.1", env.port), timeout=20) as raw,
+                ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls,
+            ):
+                tls.sendall(
+                    f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode()
+                )
+                data = b""
+                while chunk := tls.recv(65536):
+                    data += chunk
+                session = tls.session
+                out.append((tls.session_reused, data))
+        return out
+
+    paths = ["/elsewhere", "/chain", "/chain"]
+    answers = await trio.to_thread.run_sync(connections, paths)
+    assert [reused for reused, _ in answers] == [False, True, True]
+    leaf, issuer = der_of(client_pair.crt)
+    for _, data in answers[1:]:
+        seen = decode(parse_responses(data)[0].body)["headers"]
+        assert byte_sequences(seen["client-cert"]) == [leaf]
+        assert byte_sequences(seen["client-cert-chain"]) == [issuer]
+
+
+async def test_a_denied_client_s_certificate_never_reaches_a_client_cert_backend(
+    make_env, nursery, issue: IssueFn, tmp_path
+) -> None:
+    """Verified by the CA but denied: 403 from the proxy, nothing sent to the backend."""
+    thief = issue("client", "thief")
+    (tmp_path / "deny.txt").write_text(f"sha256:{leaf_sha256(thief)}\n")
+    seen: list[bytes] = []
+
+    async def record(stream: trio.SocketStream) -> None:
+        seen.append(await read_request(stream))
+        await _answer_headers(stream, seen[-1])
+
+    port = await serve_raw(nursery, record)
+    routes = IDENTITY_ROUTES.replace("{port}", str(port))
+    env = await make_env(routes=routes, backends=0, tls=f'deny = "{tmp_path / "deny.txt"}"')
+    for path in ("/cert", "/chain"):
+        assert (await env.request("GET", path, pair=thief)).status_code == 403
+    assert seen == []
+    assert (await env.request("GET", "/cert")).status_code == 200  # others still pass
+    assert len(seen) == 1
