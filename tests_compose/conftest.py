@@ -107,15 +107,16 @@ def wheels() -> Iterator[Path]:
     """The locked dependencies' wheels and the project's, fetched and built on the host as
     deploy/Dockerfile says: the image installs from them offline, hashes checked."""
     folder = DEPLOY / "wheels"
-    sh(sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:",
-       "--require-hashes", "-r", str(ROOT / "requirements" / "run.txt"), "-d", str(folder),
-       timeout=900)  # fmt: skip
+    sh(sys.executable, "-m", "pip", "download", "--quiet", "--require-hashes", "-r",
+       str(ROOT / "requirements" / "run.txt"), "-d", str(folder), timeout=900)  # fmt: skip
+    sh(sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "setuptools",
+       "-d", str(folder), timeout=900)  # fmt: skip
     sh(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(folder),
        str(ROOT), timeout=900)  # fmt: skip
     try:
         yield folder
     finally:
-        for wheel in folder.glob("*.whl"):
+        for wheel in [*folder.glob("*.whl"), *folder.glob("*.tar.gz")]:
             wheel.unlink()
 
 
