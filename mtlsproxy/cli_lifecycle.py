@@ -51,7 +51,12 @@ def register(ca: Any, verbs: Any, duration: Duration) -> None:
     )
     renew.add_argument("--force", action="store_true", help="renew now even if not due")
     renew.add_argument("--ttl", type=duration, help="default: the TTL it was issued with")
-    renew.add_argument("--key-type", choices=KEY_TYPES, default="ecdsa-p256")
+    renew.add_argument(
+        "--key-type",
+        choices=KEY_TYPES,
+        default="ecdsa-p256",
+        help="the new certificate's key type (default: %(default)s)",
+    )
     renew.add_argument(
         "--bundle",
         type=Path,
@@ -62,8 +67,13 @@ def register(ca: Any, verbs: Any, duration: Duration) -> None:
     renew.set_defaults(handler=_ca_renew)
 
     rot = ca.add_parser("rotate", help="new root and issuer; the old root stays trusted")
-    rot.add_argument("--dir", required=True, type=Path)
-    rot.add_argument("--key-type", choices=KEY_TYPES, default="ecdsa-p256")
+    rot.add_argument("--dir", required=True, type=Path, help="the CA folder")
+    rot.add_argument(
+        "--key-type",
+        choices=KEY_TYPES,
+        default="ecdsa-p256",
+        help="the new root's and issuer's key type (default: %(default)s)",
+    )
     rot.add_argument(
         "--grace",
         type=duration,
@@ -74,7 +84,7 @@ def register(ca: Any, verbs: Any, duration: Duration) -> None:
     rot.set_defaults(handler=_ca_rotate)
 
     ret = ca.add_parser("retire", help="drop previous roots from the bundle once unused")
-    ret.add_argument("--dir", required=True, type=Path)
+    ret.add_argument("--dir", required=True, type=Path, help="the CA folder")
     ret.add_argument(
         "--force",
         action="store_true",
@@ -83,7 +93,7 @@ def register(ca: Any, verbs: Any, duration: Duration) -> None:
     ret.set_defaults(handler=_ca_retire)
 
     serve = ca.add_parser("serve", help="the renewal service: POST /renew over mutual TLS")
-    serve.add_argument("--dir", required=True, type=Path)
+    serve.add_argument("--dir", required=True, type=Path, help="the CA folder")
     serve.add_argument("--listen", required=True, help="host:port, e.g. 127.0.0.1:9443")
     serve.add_argument(
         "--ttl",
@@ -97,8 +107,12 @@ def register(ca: Any, verbs: Any, duration: Duration) -> None:
         default=60.0,
         help="least time between two renewals of one identity (default 1m)",
     )
-    serve.add_argument("--deny", type=Path, help="a deny list file (as the proxy's)")
-    serve.add_argument("--name", default="mtlsproxy-ca", help="CN of the service's certificate")
+    serve.add_argument("--deny", type=Path, help="a deny list file, as the proxy's (default: none)")
+    serve.add_argument(
+        "--name",
+        default="mtlsproxy-ca",
+        help="CN of the service's certificate (default: %(default)s)",
+    )
     serve.add_argument(
         "--dns",
         action="append",
@@ -113,7 +127,13 @@ def register(ca: Any, verbs: Any, duration: Duration) -> None:
         metavar="ADDR",
         help="IP address of the service (default 127.0.0.1)",
     )
-    serve.add_argument("--log-format", choices=("auto", "text", "json"), default="auto")
+    serve.add_argument(
+        "--log-format",
+        choices=("auto", "text", "json"),
+        default="auto",
+        help="diagnostic log format; auto: text on a terminal, JSON otherwise "
+        "(default: %(default)s)",
+    )
     serve.set_defaults(handler=_ca_serve)
 
     client = verbs.add_parser("client", help="client side: renew a client certificate")
@@ -132,7 +152,12 @@ def register(ca: Any, verbs: Any, duration: Duration) -> None:
         action="store_true",
         help="stay running and renew at about 2/3 of each certificate's life",
     )
-    crenew.add_argument("--key-type", choices=KEY_TYPES, default="ecdsa-p256")
+    crenew.add_argument(
+        "--key-type",
+        choices=KEY_TYPES,
+        default="ecdsa-p256",
+        help="the new key's key type (default: %(default)s)",
+    )
     crenew.set_defaults(handler=_client_renew)
 
 
