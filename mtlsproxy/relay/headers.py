@@ -198,10 +198,10 @@ def upstream_request_headers(
             identity_headers=identity_headers,
             certificates=certificates,
         )
-    out += forwarding[:2]  # X-Forwarded-For, X-Forwarded-Proto
+    # X-Forwarded-For, X-Forwarded-Proto, X-Forwarded-Host, then the identity headers.
+    out += forwarding
     if host is not None:
-        out.append((b"X-Forwarded-Host", host))
-    out += forwarding[2:]  # the identity headers
+        out.insert(len(out) - len(forwarding) + 2, (b"X-Forwarded-Host", host))
     return out
 
 
