@@ -4,9 +4,9 @@ present a client certificate that renews itself.
     from mtlsproxy import client
 
     session = client.requests_session("player.crt", "player.key", "ca.crt")
-    session.get("https://api.example:8443/")          # requests
+    session.get("https://localhost:8443/")            # requests
     with client.httpx_client("player.crt", "player.key", "ca.crt") as http:
-        http.get("https://api.example:8443/")         # httpx
+        http.get("https://localhost:8443/")           # httpx
     ctx = client.ssl_context("player.crt", "player.key", "ca.crt")  # anything on ssl
 
 One trust rule for every helper, the renewal client included: a ``PrivateTrustContext``
