@@ -3,6 +3,7 @@ proxy on SIGHUP or `mtlsproxy reload`."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -123,7 +124,8 @@ def test_removing_entries_in_any_spelling(
     for entry in ("cn:mallory", str(client_pair.crt), "serial:0a", "uri:spiffe://g.example/p/7"):
         assert deny_add(config, entry).returncode == 0
     deny.chmod(0o640)
-    inode = deny.stat().st_ino
+    before = deny.read_text()
+    os.link(deny, tmp_path / "deny.before")  # holds the old inode: it cannot be reused
     digest = leaf_sha256(client_pair)
     colons = ":".join(digest[i : i + 2] for i in range(0, 64, 2)).upper()
     lifted = deny_remove(config, f"SHA256:{colons}")  # openssl's spelling of the same entry
@@ -136,8 +138,11 @@ def test_removing_entries_in_any_spelling(
     kept = parse_deny_list(text, deny)
     assert kept.cns == {"mallory"} and kept.uris == {"spiffe://g.example/p/7"}
     assert not kept.sha256 and not kept.serials
-    # Written atomically (a new file renamed over the old one), with the file's mode kept.
-    assert deny.stat().st_ino != inode and deny.stat().st_mode & 0o777 == 0o640
+    # Written atomically (a new file renamed over the old one, never rewritten in place),
+    # with the file's mode kept.
+    assert (tmp_path / "deny.before").read_text() == before
+    assert deny.stat().st_ino != (tmp_path / "deny.before").stat().st_ino
+    assert deny.stat().st_mode & 0o777 == 0o640
 
 
 def test_removing_what_is_not_there_says_so_and_changes_nothing(
