@@ -38,6 +38,8 @@ log = logging.getLogger("mtlsproxy.demo_backend")
 ECHOED_HEADERS = (
     "host",
     "x-forwarded-client-cert",
+    "client-cert",  # RFC 9440, on routes with identity_headers = [..., "client-cert"]
+    "client-cert-chain",
     "x-forwarded-for",
     "x-forwarded-proto",
     "x-forwarded-host",
