@@ -1,4 +1,4 @@
-"""The config model: the DESIGN.md sample loads; every mistake names file, key path and reason."""
+"""The config model: the fixed sample (docs/interfaces.md) loads; every mistake names file, key path and reason."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from mtlsproxy import config
 from mtlsproxy.address import Address
 from mtlsproxy.errors import ConfigError
 
-# Verbatim from shared/DESIGN.md ("Fixed interfaces"): tests outside the repo rely on it.
+# Verbatim from docs/interfaces.md: tools and tests outside the repo rely on it.
 SAMPLE = """\
 [tls]
 cert = "server.crt"

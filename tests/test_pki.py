@@ -213,6 +213,22 @@ def test_bad_names_are_refused_at_issue_time(
         ca.issue(kind="client", name="x", **{kwargs: [value]})  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("uri", "why"),
+    [("spiffe:///p", "no trust domain"), ("spiffe://Game.Example/p", "must be lowercase ('game.example')"),
+     ("spiffe://g.example:80/p", "may not have a port"), ("spiffe://u@g.example/p", "user info"),
+     ("spiffe://g.example/p?x=1", "query"), ("spiffe://g.example/p#f", "fragment"),
+     ("spiffe://g.example/a//b", "empty segment"), ("spiffe://g.example/p/", "empty segment"),
+     ("spiffe://g.example/a/../b", "'.' or '..'")],
+)  # fmt: skip
+def test_an_invalid_spiffe_id_says_which_rule_it_breaks(
+    ca: CertificateAuthority, uri: str, why: str
+) -> None:
+    with pytest.raises(CAError, match="is not a valid SPIFFE ID: ") as refused:
+        ca.issue(kind="client", name="x", uris=[uri])
+    assert why in str(refused.value)
+
+
 def test_wildcard_dns_is_allowed(ca: CertificateAuthority) -> None:
     leaf = ca.issue(kind="server", name="api", dns=["*.api.example"]).certificate
     assert ext(leaf, x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName) == [

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from cryptography import x509
 
@@ -38,18 +38,27 @@ def uri(text: str) -> x509.UniformResourceIdentifier:
     parts = urlsplit(text)
     if not parts.scheme or not (parts.netloc or parts.path):
         raise CAError(f"--uri {text!r} is not an absolute URI (e.g. spiffe://game.example/p/1)")
-    if parts.scheme == "spiffe":
-        # SPIFFE ID rules (spiffe-id.md): a lowercase trust domain, no port, user info,
-        # query or fragment, and a path without empty, '.' or '..' segments.
-        segments = parts.path.split("/")[1:] if parts.path else []
-        if (
-            not parts.hostname
-            or parts.netloc != parts.netloc.lower()
-            or parts.port is not None
-            or "@" in parts.netloc
-            or parts.query
-            or parts.fragment
-            or any(s in ("", ".", "..") for s in segments)
-        ):
-            raise CAError(f"--uri {text!r} is not a valid SPIFFE ID")
+    if parts.scheme == "spiffe" and (why := _spiffe_problem(text, parts)) is not None:
+        raise CAError(f"--uri {text!r} is not a valid SPIFFE ID: {why}")
     return x509.UniformResourceIdentifier(text)
+
+
+def _spiffe_problem(text: str, parts: SplitResult) -> str | None:
+    """Why ``text`` breaks the SPIFFE ID rules (spiffe-id.md), or None: a lowercase trust
+    domain, no port, user info, query or fragment, and a path without empty, '.' or '..'
+    segments."""
+    segments = parts.path.split("/")[1:] if parts.path else []
+    rules = (
+        ("@" in parts.netloc, "the trust domain may not hold user info ('@')"),
+        (":" in parts.netloc, "the trust domain may not have a port"),
+        (not parts.hostname, "it has no trust domain (spiffe://<trust domain>/<path>)"),
+        (
+            parts.netloc != parts.netloc.lower(),
+            f"the trust domain must be lowercase ({parts.netloc.lower()!r})",
+        ),
+        ("?" in text, "it may not have a query ('?')"),
+        ("#" in text, "it may not have a fragment ('#')"),
+        ("" in segments, "its path has an empty segment ('//', or a '/' at the end)"),
+        (any(s in (".", "..") for s in segments), "its path may not have '.' or '..' segments"),
+    )
+    return next((why for broken, why in rules if broken), None)
