@@ -14,7 +14,6 @@ import shlex
 import signal
 import socket
 import ssl
-import stat
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -26,10 +25,9 @@ from cryptography import x509
 
 from mtlsproxy import __version__, cli_lifecycle, config, demo_backend, logs, pem, quickstart
 from mtlsproxy.address import Address
-from mtlsproxy.atomicfile import write_atomic
 from mtlsproxy.check import check_config
 from mtlsproxy.client import PrivateTrustContext
-from mtlsproxy.denylist import DenyList, add_entry, describe_entry, parse_deny_list
+from mtlsproxy.denylist import add_entry, describe_entry, parse_deny_list, remove_entry
 from mtlsproxy.errors import CredentialError, MtlsProxyError, UsageError
 from mtlsproxy.identity import Identity, IdentityError
 from mtlsproxy.pki import KEY_TYPES, CertificateAuthority, KeyType
@@ -479,28 +477,6 @@ def _as_read(entry: str) -> str:
     for serial in parsed.serials:
         return f"serial:{serial:x}"
     return entry
-
-
-def remove_entry(path: Path, entry: str) -> tuple[list[tuple[int, str]], DenyList]:
-    """Remove every line of the deny file that denies exactly ``entry``, however it is
-    spelt, writing the file atomically; returns the removed ``(line number, line)`` pairs
-    and the list that is left. The mirror of ``denylist.add_entry``: the file is parsed as
-    a whole, before and after, so a bad file is never rewritten."""
-    target = parse_deny_list(entry, "the entry")  # names the entry, not the file, on error
-    text = path.read_text(encoding="utf-8")
-    parse_deny_list(text, path)
-    kept: list[str] = []
-    removed: list[tuple[int, str]] = []
-    for lineno, line in enumerate(text.splitlines(keepends=True), start=1):
-        if len(target) and parse_deny_list(line, path) == target:
-            removed.append((lineno, line.strip()))
-        else:
-            kept.append(line)
-    new_text = "".join(kept)
-    left = parse_deny_list(new_text, path)
-    if removed:
-        write_atomic(path, new_text.encode("utf-8"), mode=stat.S_IMODE(path.stat().st_mode))
-    return removed, left
 
 
 def _reload(args: argparse.Namespace) -> int:

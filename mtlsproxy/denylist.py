@@ -116,3 +116,25 @@ def add_entry(path: Path, entry: str, comment: str = "") -> bool:
     parse_deny_list(new_text, path)
     write_atomic(path, new_text.encode("utf-8"), mode=stat.S_IMODE(path.stat().st_mode))
     return True
+
+
+def remove_entry(path: Path, entry: str) -> tuple[list[tuple[int, str]], DenyList]:
+    """Remove every line of the deny file that denies exactly ``entry``, however it is
+    spelt, writing the file atomically; returns the removed ``(line number, line)`` pairs
+    and the list that is left. The mirror of ``add_entry``: the file is parsed as
+    a whole, before and after, so a bad file is never rewritten."""
+    target = parse_deny_list(entry, "the entry")  # names the entry, not the file, on error
+    text = path.read_text(encoding="utf-8")
+    parse_deny_list(text, path)
+    kept: list[str] = []
+    removed: list[tuple[int, str]] = []
+    for lineno, line in enumerate(text.splitlines(keepends=True), start=1):
+        if len(target) and parse_deny_list(line, path) == target:
+            removed.append((lineno, line.strip()))
+        else:
+            kept.append(line)
+    new_text = "".join(kept)
+    left = parse_deny_list(new_text, path)
+    if removed:
+        write_atomic(path, new_text.encode("utf-8"), mode=stat.S_IMODE(path.stat().st_mode))
+    return removed, left

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import trio
-import trio.testing
 
 from mtlsproxy import config, demo_backend, pem
 from mtlsproxy.address import Address
@@ -456,11 +455,9 @@ async def _serve(
                     continue
                 await nursery.start(serve, address.host, address.port)
         bound = await nursery.start(proxy.run)
-        nursery.start_soon(proxy.watch_signals)
-        # "Ctrl-C stops" holds once printed: let the watcher install its signal receiver
-        # first (a Ctrl-C before that would interrupt instead of draining).
-        with trio.move_on_after(1):
-            await trio.testing.wait_all_tasks_blocked()
+        # "Ctrl-C stops" holds once printed: the watcher's receiver is installed first (a
+        # Ctrl-C before that would interrupt instead of draining).
+        await nursery.start(proxy.watch_signals)
         print(instructions(files, layout(cfg, bound), command, warnings), flush=True)
         await proxy.stopped()
         nursery.cancel_scope.cancel()

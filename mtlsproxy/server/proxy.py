@@ -274,9 +274,14 @@ class Proxy:
         self.sessions.close_all("shutdown")
         connections.cancel_scope.deadline = trio.current_time() + timeout
 
-    async def watch_signals(self) -> None:
-        """SIGHUP: reload now. SIGTERM/SIGINT: drain and exit; a second one: stop now."""
+    async def watch_signals(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """SIGHUP: reload now. SIGTERM/SIGINT: drain and exit; a second one: stop now.
+        ``nursery.start`` returns once the receiver is installed (from then on a Ctrl-C
+        drains instead of interrupting)."""
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            task_status.started()
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     self.store.reload("signal")
