@@ -505,9 +505,10 @@ def instructions(
             'Without it (refused during the TLS handshake: "certificate required"):',
             f"  curl {tls} {url}",
             "",
-            "From Python:",
-            "  import requests",
-            f'  requests.get("{url}", verify="{a}", cert=("{c}", "{k}")).json()',
+            "From Python (the standard library here; for requests and httpx see mtlsproxy.client):",
+            f'  {_q(_shortest(sys.executable))} -c "import json, ssl, urllib.request as u; '
+            f"ctx = ssl.create_default_context(cafile='{a}'); ctx.load_cert_chain('{c}', '{k}'); "
+            f"print(json.load(u.urlopen('{url}', context=ctx))['headers'])\"",
         ]
     if lay.deny is not None:
         out += [

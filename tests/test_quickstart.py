@@ -70,7 +70,7 @@ def test_quickstart_serves_until_ctrl_c(tmp_path: Path) -> None:
                 capture_output=True, text=True, timeout=30, check=False,
             )  # fmt: skip
             assert "certificate required" in refused.stderr
-            assert "requests.get(" in text
+            assert "urllib.request" in text and "load_cert_chain" in text
             # The raw TCP command, as printed (joined over its continuation line).
             tcp_line = next(i for i, x in enumerate(lines) if "openssl s_client" in x)
             tcp = (lines[tcp_line].rstrip(" \\\n") + " " + lines[tcp_line + 1]).split()
@@ -170,6 +170,11 @@ def test_printed_commands_run_from_a_fresh_shell_on_the_ports_asked_for(tmp_path
         assert "8443" not in text and "9901" not in text
         (with_cert,) = printed(text, "curl --cacert", "--key")
         assert curl_status(with_cert, tmp_path) == "200"
+        # the Python example runs on what `make run` installs: the standard library
+        (python,) = printed(text, "urllib.request", "load_cert_chain")
+        answered = fresh_shell(python, tmp_path)
+        assert answered.returncode == 0, answered.stderr
+        assert "'x-forwarded-client-cert': ['Hash=" in answered.stdout
         (deny,) = printed(text, " deny add --config ")
         (reload,) = printed(text, " reload --config ")
         assert not deny.startswith("mtlsproxy ") and not reload.startswith("mtlsproxy ")
