@@ -1,5 +1,5 @@
 """The lifecycle verbs of the command line: ``ca renew``, ``ca rotate``, ``ca retire``,
-``ca serve`` and ``client renew`` (``cli.py`` registers them)."""
+``ca publish-secret``, ``ca serve`` and ``client renew`` (``cli.py`` registers them)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from mtlsproxy.address import parse_address
 from mtlsproxy.atomicfile import write_atomic
 from mtlsproxy.client import default_prefix, refresh_bundle, renew_once
 from mtlsproxy.errors import CAError, UsageError
-from mtlsproxy.pki import CertificateAuthority
+from mtlsproxy.pki import CertificateAuthority, kube
 from mtlsproxy.pki.ca import pair_paths
 from mtlsproxy.pki.keys import KEY_TYPES
 from mtlsproxy.pki.lifecycle import (
@@ -91,6 +91,36 @@ def register(ca: Any, verbs: Any, duration: Duration) -> None:
         help="retire even while certificates they issued are still valid",
     )
     ret.set_defaults(handler=_ca_retire)
+
+    pub = ca.add_parser(
+        "publish-secret",
+        help="put files into a Kubernetes Secret (the renewal CronJob's last step)",
+    )
+    pub.add_argument("name", help="the Secret, e.g. mtlsproxy-server-tls")
+    pub.add_argument(
+        "files", nargs="+", metavar="KEY=FILE", help="a key of the Secret and the file it holds"
+    )
+    pub.add_argument(
+        "--namespace", help="the Secret's namespace (default: the pod's own namespace)"
+    )
+    pub.add_argument(
+        "--api",
+        metavar="URL",
+        help="https://host:port of the API server (default: the pod's, from the environment)",
+    )
+    pub.add_argument(
+        "--api-ca",
+        type=Path,
+        metavar="FILE",
+        help="the API server's CA (default: the service account's ca.crt)",
+    )
+    pub.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="FILE",
+        help="a bearer token (default: the service account's token)",
+    )
+    pub.set_defaults(handler=_ca_publish_secret)
 
     serve = ca.add_parser("serve", help="the renewal service: POST /renew over mutual TLS")
     serve.add_argument("--dir", required=True, type=Path, help="the CA folder")
@@ -257,6 +287,23 @@ def _ca_retire(args: argparse.Namespace) -> int:
             f"kept {p.root.subject.rfc4514_string()}: its certificates can be valid until "
             f"{until:%Y-%m-%d %H:%M:%S}Z"
         )
+    return 0
+
+
+def _ca_publish_secret(args: argparse.Namespace) -> int:
+    files: dict[str, bytes] = {}
+    for spec in args.files:
+        key, sep, name = spec.partition("=")
+        if not sep or not key or not name:
+            raise UsageError(f"{spec!r}: give KEY=FILE, e.g. tls.crt=/work/out/tls.crt")
+        try:
+            files[key] = Path(name).read_bytes()
+        except OSError as exc:
+            raise UsageError(f"{name}: cannot read it for key {key}: {exc}") from exc
+    api = kube.Api.in_cluster(args.api, args.api_ca, args.token_file)
+    namespace = args.namespace or kube.default_namespace()
+    version = kube.publish_secret(api, namespace, args.name, files)
+    print(f"published {', '.join(files)} to secret {namespace}/{args.name} (version {version})")
     return 0
 
 

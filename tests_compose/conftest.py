@@ -107,23 +107,25 @@ def wheels() -> Iterator[Path]:
     """The locked dependencies' wheels and the project's, fetched and built on the host as
     deploy/Dockerfile says: the image installs from them offline, hashes checked."""
     folder = DEPLOY / "wheels"
-    sh(sys.executable, "-m", "pip", "download", "--quiet", "--require-hashes", "-r",
-       str(ROOT / "requirements" / "run.txt"), "-d", str(folder), timeout=900)  # fmt: skip
-    sh(sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "setuptools",
-       "-d", str(folder), timeout=900)  # fmt: skip
+    yours = set(folder.iterdir())  # files a user put there for an offline build stay
+    locks = ROOT / "requirements"
+    sh(sys.executable, "-m", "pip", "download", "--quiet", "--require-hashes",
+       "-r", str(locks / "build.txt"), "-r", str(locks / "run.txt"), "-d", str(folder),
+       timeout=900)  # fmt: skip
     sh(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(folder),
        str(ROOT), timeout=900)  # fmt: skip
     try:
         yield folder
     finally:
-        for wheel in [*folder.glob("*.whl"), *folder.glob("*.tar.gz")]:
-            wheel.unlink()
+        for added in set(folder.iterdir()) - yours:
+            added.unlink()
 
 
 @pytest.fixture(scope="session")
 def image(base_image: str, wheels: Path) -> Iterator[str]:
-    """The project's image under the Kubernetes example's name, built for the session."""
-    tag = "mtlsproxy:0.1.0"
+    """The project's image, built for the session under a tag of its own (never one that a
+    user may have built: that is not ours to remove)."""
+    tag = f"mtlsproxy-e2e:{os.getpid()}"
     sh("docker", "build", "--quiet", "--force-rm", "--build-arg", f"BASE={base_image}", "-f",
        str(DEPLOY / "Dockerfile"), "-t", tag, str(ROOT), timeout=900)  # fmt: skip
     try:

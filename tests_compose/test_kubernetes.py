@@ -5,8 +5,10 @@ command and arguments, user and group, read-only root, dropped capabilities, CPU
 memory limits, and its volumes at their mount paths. Secrets and ConfigMaps are folders
 laid out as the kubelet lays them out (files behind a `..data` symlink, swapped
 atomically on update, with the Secret's mode and the pod's fsGroup), emptyDirs are
-folders or tmpfs mounts. Only `kubectl apply` is not run: the test writes the files it
-would have put in the two Secrets.
+folders or tmpfs mounts. The API server is one endpoint on the host's loopback that does
+what the job's one call asks (a PATCH of a Secret's data) to those folders; the job's
+publish container reaches it through the host's network, with a service account mounted
+where a pod has it.
 
 The cycle: the operator's first steps (a CA, its Secret), the renewal CronJob issues the
 server certificate, the proxy Deployment serves with it behind a backend named as in the
@@ -15,14 +17,17 @@ config, and a second run of the CronJob is picked up by the running proxy.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
 import shutil
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +70,43 @@ class Volume:
         link = self.folder / "..data_tmp"
         link.symlink_to(data.name)
         link.rename(self.folder / "..data")
+
+
+class SecretApi:
+    """The API server's PATCH of a Secret (JSON merge patch of ``data``), applied to the
+    folders standing in for the Secrets, over TLS with a certificate of ``pair``."""
+
+    def __init__(self, secrets: dict[str, Volume], crt: Path, key: Path, token: str) -> None:
+        self.calls: list[str] = []
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_PATCH(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                name = self.path.rsplit("/", 1)[-1]
+                api.calls.append(self.path)
+                ok = self.headers["Authorization"] == f"Bearer {token}" and name in secrets
+                if ok:
+                    volume = secrets[name]
+                    current = {f.name: f.read_bytes() for f in volume.folder.iterdir()
+                               if not f.name.startswith("..")}  # fmt: skip
+                    current.update({k: base64.b64decode(v) for k, v in body["data"].items()})
+                    volume.write(current)
+                reply = json.dumps({"metadata": {"resourceVersion": "1"}} if ok else {}).encode()
+                self.send_response(200 if ok else 403)
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(crt, key)
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
 def docker_args(spec: dict[str, Any], pod: dict[str, Any], host: dict[str, Path]) -> list[str]:
@@ -150,8 +192,11 @@ def test_the_kubernetes_example_runs_as_its_manifests_say(
     job = docs[("CronJob", "mtlsproxy-renew-server")]["spec"]["jobTemplate"]["spec"]["template"]
     job = job["spec"]
     (issue,) = job["initContainers"]
+    (publish,) = job["containers"]
     (proxy,) = deployment["containers"]
-    assert proxy["image"] == image and issue["image"] == image
+    # one image, under your registry's name; here the one built for the test runs
+    assert proxy["image"] == issue["image"] == publish["image"]
+    assert proxy["image"].endswith("/mtlsproxy:0.1.0")
 
     # The operator, once (deploy/README.md, "Kubernetes"): a CA; its issuing half as the
     # mtlsproxy-ca Secret, the root key kept back.
@@ -173,6 +218,19 @@ def test_the_kubernetes_example_runs_as_its_manifests_say(
     for volume, name in ((config, "mtlsproxy-config"), (deny, "mtlsproxy-deny")):
         volume.write({k: v.encode() for k, v in docs[("ConfigMap", name)]["data"].items()})
 
+    # The cluster: an API server and the job's service account, as a pod has it mounted.
+    cluster_ca = CertificateAuthority.init(tmp_path / "cluster-ca", name="k8s-e2e-cluster")
+    cluster_ca.issue(kind="server", name="kubernetes", ips=["127.0.0.1"]).write(
+        tmp_path / "apiserver"
+    )
+    account = Volume(tmp_path / "serviceaccount", 0o644)
+    account.write({"token": b"e2e-token", "namespace": b"mtlsproxy-ca",
+                   "ca.crt": (cluster_ca.folder / "ca.crt").read_bytes()})  # fmt: skip
+    tls.write({"tls.crt": b"", "tls.key": b""})  # created once by hand, empty until the job
+    client_ca.write({"ca.crt": b""})
+    api = SecretApi({"mtlsproxy-server-tls": tls, "mtlsproxy-client-ca": client_ca},
+                    tmp_path / "apiserver.crt", tmp_path / "apiserver.key", "e2e-token")  # fmt: skip
+
     def run_the_cronjob() -> None:
         shutil.rmtree(work / "ca", ignore_errors=True)
         shutil.rmtree(work / "out", ignore_errors=True)
@@ -180,12 +238,14 @@ def test_the_kubernetes_example_runs_as_its_manifests_say(
                   *docker_args(issue, job, {"ca": ca_secret.folder, "work": work}),
                   image, *command_of(issue))  # fmt: skip
         assert "issued a server certificate" in done.stdout, done.stdout
-        # what the `publish` container's kubectl apply puts in the two Secrets
-        tls.write({"tls.crt": (work / "out" / "tls.crt").read_bytes(),
-                   "tls.key": (work / "out" / "tls.key").read_bytes()})  # fmt: skip
-        client_ca.write({"ca.crt": (work / "out" / "ca.crt").read_bytes()})
+        published = sh("docker", "run", "--rm", "--network", "host",
+                       "-e", "KUBERNETES_SERVICE_HOST=127.0.0.1", "-e", f"KUBERNETES_SERVICE_PORT={api.port}",
+                       "-v", f"{account.folder}:/var/run/secrets/kubernetes.io/serviceaccount:ro",
+                       *docker_args(publish, job, {"work": work}), image, *command_of(publish))  # fmt: skip
+        assert published.stdout.count("published ") == 2, published.stdout + published.stderr
 
     run_the_cronjob()
+    assert len(api.calls) == 2
     assert b"ENCRYPTED" not in (work / "out" / "tls.key").read_bytes()
 
     # The backend the config names (game-api:8080), and the Deployment's pod.
@@ -225,7 +285,7 @@ def test_the_kubernetes_example_runs_as_its_manifests_say(
     # A client of the same CA, through the pod, under the name the job certified.
     server_name = next(e["value"] for e in issue["env"] if e["name"] == "SERVER_NAME")
     ca.issue(kind="client", name="k8s-player").write(tmp_path / "player")
-    trust = work / "out" / "ca.crt"
+    trust = client_ca.folder / "ca.crt"  # the bundle the job published
     before = served_fingerprint(port, trust, tmp_path / "player", server_name)
 
     # The next run of the CronJob: the kubelet swaps the Secret; the pod serves the new one.
