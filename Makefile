@@ -1,7 +1,7 @@
 # Two commands on a fresh machine: `make run` and `make test`.
 # Each creates .venv when it is missing and installs what it needs, at the versions (and
 # hashes) locked in requirements/: run.txt for `make run` (no linters, no test tools),
-# test.txt for `make test`. `make lock` refreshes both from pyproject.toml.
+# test.txt for `make test`, build.txt for what builds them. `make lock` refreshes them.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -11,7 +11,7 @@ TEST_STAMP := $(VENV)/.test-stamp
 
 BENCH_STAMP := $(VENV)/.bench-stamp
 
-.PHONY: run test test-compose check lint typecheck imports pytest system-tools bench lock clean
+.PHONY: run test test-compose check lint typecheck imports pytest system-tools build-tools bench lock clean
 
 run: $(RUN_STAMP)
 	$(BIN)/mtlsproxy quickstart
@@ -59,21 +59,31 @@ $(BENCH_STAMP): $(TEST_STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	@touch $@
 
-# Re-install when the locks change; the stamps keep `make test` fast otherwise. The locked
-# packages first (every one checked against its hash), then the project itself, editable.
-$(RUN_STAMP): requirements/run.txt pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet --require-hashes -r requirements/run.txt
-	$(BIN)/python -m pip install --quiet --no-deps -e .
+# Re-install when the locks change; the stamps keep `make test` fast otherwise. Every
+# package is checked against its hash: the build backend first (build.txt), then the
+# locked packages and the project itself, built with it (no isolated, unpinned setuptools).
+# llhttp ships as source only: building it needs a C compiler and Python's headers.
+PY_HEADERS := $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+PIP := $(BIN)/python -m pip install --quiet
+$(RUN_STAMP): requirements/build.txt requirements/run.txt pyproject.toml | $(BIN)/python build-tools
+	$(PIP) --require-hashes -r requirements/build.txt
+	$(PIP) --require-hashes --no-build-isolation -r requirements/run.txt
+	$(PIP) --no-deps --no-build-isolation -e .
 	@touch $@
 
-$(TEST_STAMP): requirements/test.txt pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet --require-hashes -r requirements/test.txt
-	$(BIN)/python -m pip install --quiet --no-deps -e .
+$(TEST_STAMP): requirements/build.txt requirements/test.txt pyproject.toml | $(BIN)/python build-tools
+	$(PIP) --require-hashes -r requirements/build.txt
+	$(PIP) --require-hashes --no-build-isolation -r requirements/test.txt
+	$(PIP) --no-deps --no-build-isolation -e .
 	@touch $@
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+
+build-tools:
+	@scripts/ensure-system-tools cc:gcc /usr/include/stdio.h:libc6-dev \
+		$(PY_HEADERS)/Python.h:python3-dev
 
 # After a change of dependencies in pyproject.toml: exact versions and hashes, resolved on
 # this Python (3.11); commit the result.
@@ -83,6 +93,7 @@ lock: | $(BIN)/python
 	$(BIN)/python -m pip install --quiet pip-tools
 	$(LOCK) --extra demo -o requirements/run.txt pyproject.toml
 	$(LOCK) --extra demo --extra client --extra test -o requirements/test.txt pyproject.toml
+	$(LOCK) --allow-unsafe -o requirements/build.txt requirements/build.in
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis mtlsproxy.egg-info

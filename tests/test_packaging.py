@@ -52,6 +52,8 @@ def test_each_lock_pins_what_pyproject_asks_for_with_hashes(
             f"requirements/{lock} pins {name}=={version}, pyproject.toml asks {requirement}: run `make lock`"
         )
     assert all(hashes for _, hashes in pins.values()), "every pin carries its hashes"
+    (setuptools,) = locked("build.txt").items()  # the build backend, pinned too
+    assert setuptools[0] == "setuptools" and setuptools[1][1]
 
 
 def test_make_run_installs_no_linters_or_test_tools() -> None:
@@ -63,7 +65,11 @@ def test_make_run_installs_no_linters_or_test_tools() -> None:
     assert "requirements/run.txt" in run_rule and "--require-hashes" in run_rule
     assert "test" not in run_rule.replace("requirements/run.txt", "")
     dockerfile = " ".join((ROOT / "deploy" / "Dockerfile").read_text().replace("\\\n", " ").split())
-    assert "--require-hashes -r /src/requirements/run.txt" in dockerfile
+    for lock in ("build.txt", "run.txt"):
+        assert re.search(
+            rf"--require-hashes (--no-build-isolation )?-r /src/requirements/{lock}", dockerfile
+        )
+    assert "--no-build-isolation" in run_rule  # the build backend is the locked one
 
 
 def test_the_proxy_needs_no_websocket_library_and_pyopenssl_is_bounded() -> None:
