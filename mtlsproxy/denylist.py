@@ -13,8 +13,13 @@ half-loads would let through exactly the identity someone was trying to shut out
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import re
 import stat
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -100,6 +105,42 @@ def describe_entry(entry: str) -> str:
     }[kind]
 
 
+@contextlib.contextmanager
+def _editing(path: Path, timeout: float = 10.0) -> Iterator[tuple[Path, str]]:
+    """One editor of a deny file at a time, from its read to its rename: ``deny add`` and
+    ``deny remove`` run at once by two operators would each write the file they read, and
+    one edit (perhaps a new deny) would be lost. An exclusive ``flock`` on the file's folder
+    (the file itself is replaced by each edit). Yields the file to write (a symlink's
+    target: the link stays a link) and its text, byte for byte (CRLF stays CRLF)."""
+    target = path.resolve()
+    fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise CredentialError(
+                        path,
+                        f"another deny add or remove has been editing it for {timeout:.0f} s;"
+                        " try again",
+                    ) from None
+                time.sleep(0.05)
+        yield target, target.read_bytes().decode("utf-8")
+    finally:
+        os.close(fd)  # and with it the lock
+
+
+def _write(target: Path, text: str) -> None:
+    """Atomically, keeping the file's mode and owner (a ``sudo mtlsproxy deny add`` must
+    not leave a root-owned file that the usual editor cannot change)."""
+    st = target.stat()
+    write_atomic(target, text.encode("utf-8"), mode=stat.S_IMODE(st.st_mode),
+                 owner=(st.st_uid, st.st_gid))  # fmt: skip
+
+
 def add_entry(path: Path, entry: str, comment: str = "") -> bool:
     """Append ``entry`` to the deny file atomically; False when it is there already.
 
@@ -107,34 +148,37 @@ def add_entry(path: Path, entry: str, comment: str = "") -> bool:
     reaches the file the proxy polls.
     """
     parse_deny_list(entry, "the new entry")  # names the entry, not the file, on error
-    text = path.read_text(encoding="utf-8")
-    current = parse_deny_list(text, path)
-    if parse_deny_list(text + "\n" + entry, path) == current:
-        return False
-    line = entry + (f"  # {comment}" if comment else "")
-    new_text = text + ("" if text.endswith("\n") or not text else "\n") + line + "\n"
-    parse_deny_list(new_text, path)
-    write_atomic(path, new_text.encode("utf-8"), mode=stat.S_IMODE(path.stat().st_mode))
+    with _editing(path) as (target, text):
+        current = parse_deny_list(text, path)
+        if parse_deny_list(text + "\n" + entry, path) == current:
+            return False
+        newline = "\r\n" if text.endswith("\r\n") else "\n"
+        line = entry + (f"  # {comment}" if comment else "")
+        new_text = text + ("" if text.endswith("\n") or not text else newline) + line + newline
+        parse_deny_list(new_text, path)
+        _write(target, new_text)
     return True
 
 
 def remove_entry(path: Path, entry: str) -> tuple[list[tuple[int, str]], DenyList]:
     """Remove every line of the deny file that denies exactly ``entry``, however it is
     spelt, writing the file atomically; returns the removed ``(line number, line)`` pairs
-    and the list that is left. The mirror of ``add_entry``: the file is parsed as
-    a whole, before and after, so a bad file is never rewritten."""
-    target = parse_deny_list(entry, "the entry")  # names the entry, not the file, on error
-    text = path.read_text(encoding="utf-8")
-    parse_deny_list(text, path)
-    kept: list[str] = []
-    removed: list[tuple[int, str]] = []
-    for lineno, line in enumerate(text.splitlines(keepends=True), start=1):
-        if len(target) and parse_deny_list(line, path) == target:
-            removed.append((lineno, line.strip()))
-        else:
-            kept.append(line)
-    new_text = "".join(kept)
-    left = parse_deny_list(new_text, path)
-    if removed:
-        write_atomic(path, new_text.encode("utf-8"), mode=stat.S_IMODE(path.stat().st_mode))
+    and the list that is left. The mirror of ``add_entry``: the file is parsed as a whole,
+    before and after, so a bad file is never rewritten; the other lines stay byte for
+    byte."""
+    target_list = parse_deny_list(entry, "the entry")  # names the entry, not the file
+    with _editing(path) as (target, text):
+        parse_deny_list(text, path)
+        kept: list[str] = []
+        removed: list[tuple[int, str]] = []
+        # Numbered as parse_deny_list numbers them (its errors name these lines too).
+        for lineno, line in enumerate(text.splitlines(keepends=True), start=1):
+            if len(target_list) and parse_deny_list(line, path) == target_list:
+                removed.append((lineno, line.strip()))
+            else:
+                kept.append(line)
+        new_text = "".join(kept)
+        left = parse_deny_list(new_text, path)
+        if removed:
+            _write(target, new_text)
     return removed, left
