@@ -28,11 +28,15 @@ step() { printf '\n== %s\n' "$*"; }
 
 step "bring the stack up (the proxy is healthy once its /readyz answers)"
 $C up -d --build
+healthy=""
 for _ in $(seq 90); do
-    [ "$(docker inspect --format '{{.State.Health.Status}}' "$($C ps -q proxy)")" = healthy ] && break
+    if [ "$(docker inspect --format '{{.State.Health.Status}}' "$($C ps -q proxy)")" = healthy ]; then
+        healthy=yes && break
+    fi
     sleep 2
 done
 $C ps
+[ -n "$healthy" ] || { echo "walkthrough: the proxy is not healthy after 180 s: $C logs proxy" >&2; exit 1; }
 
 step "issue a client certificate at the stack's CA and copy it out"
 mkdir -p "$OUT" && cd "$OUT"
@@ -61,7 +65,8 @@ step "raw TCP: a JSON line with the identity (from PROXY protocol v2), then an e
 # sends only the leaf, which the proxy cannot tie to its root).
 printf 'hello over tcp\n' | timeout 10 openssl s_client -connect "localhost:$TCP_PORT" \
     -servername localhost -cert player-1.crt -cert_chain player-1.crt -key player-1.key \
-    -CAfile ca.crt -verify_return_error -quiet -ign_eof 2>/dev/null | head -n 2
+    -CAfile ca.crt -verify_return_error -quiet -ign_eof 2>/dev/null | head -n 2 | tee tcp.out
+grep -qx 'hello over tcp' tcp.out || { echo "walkthrough: no echo over raw TCP" >&2; exit 1; }
 
 step "renew the client at the renewal service, from a one-off container on the stack's network"
 # As your own uid, with this folder mounted: the container can read the key it renews.
