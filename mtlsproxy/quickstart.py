@@ -215,7 +215,15 @@ def choose_ports(
                 held.append(sock)
                 chosen[name] = default
                 continue
-            sock = _hold(Address("127.0.0.1", 0))
+            sock = None
+            if name not in requested:
+                # Near the default, below the ephemeral range (a port from there would be
+                # written to the kept config and be taken by some client now and then).
+                taken = {*chosen.values(), *(getattr(defaults, f.name) for f in fields(Ports))}
+                for port in range(default + 100, min(default + 1100, 32768), 100):
+                    if port not in taken and (sock := _hold(Address("127.0.0.1", port))):
+                        break
+            sock = sock or _hold(Address("127.0.0.1", 0))
             if sock is None:
                 raise UsageError("no free port on 127.0.0.1")
             held.append(sock)

@@ -3,10 +3,14 @@ proxy on SIGHUP or `mtlsproxy reload`."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
+import socket
+import ssl
 import subprocess
+import threading
 from pathlib import Path
 
 import trio
@@ -246,3 +250,42 @@ async def test_reload_over_an_mtls_admin_listener(
         done = await trio.to_thread.run_sync(reload, config, *args)
         assert done.returncode == 0, done.stderr
         assert f"reloaded: nothing new for the proxy at 127.0.0.1:{admin}" in done.stdout
+
+
+def test_reload_over_mtls_refuses_an_admin_listener_the_ca_did_not_certify(
+    tmp_path: Path, ca: CertificateAuthority, server_pair: Pair, client_pair: Pair,
+    issue_other: IssueFn,
+) -> None:  # fmt: skip
+    """Something else on the admin port, with a certificate of another CA: the reload
+    fails closed, and no request (nor the client's certificate) reaches it."""
+    config = setup(tmp_path, ca, server_pair)
+    impostor = issue_other("server", "localhost", dns=["localhost"], ips=["127.0.0.1"])
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(impostor.crt, impostor.key)
+    seen: list[bytes] = []
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        listening.settimeout(20)
+        port = listening.getsockname()[1]
+        config.write_text(
+            config.read_text().replace(
+                'listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{port}"\nmtls = true', 1
+            )
+        )
+
+        def serve_one() -> None:
+            conn, _ = listening.accept()
+            with (
+                conn,
+                contextlib.suppress(OSError),
+                context.wrap_socket(conn, server_side=True) as tls,
+            ):
+                tls.settimeout(10)
+                seen.append(tls.recv(65536))
+
+        thread = threading.Thread(target=serve_one, daemon=True)
+        thread.start()
+        done = reload(config, "--cert", str(client_pair.crt), "--key", str(client_pair.key))
+        thread.join(timeout=20)
+    assert done.returncode == 1, done.stderr
+    assert "its certificate does not verify against" in done.stderr
+    assert seen in ([], [b""]), seen  # not one byte of a request

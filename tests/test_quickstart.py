@@ -261,6 +261,31 @@ def test_a_taken_default_port_falls_back_to_a_free_one() -> None:
     assert len(three) == 3 and not three & set(free) and not notes
 
 
+def _bindable(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def test_a_taken_default_moves_near_it_not_into_the_ephemeral_range() -> None:
+    """A fallback port is written to the kept config: one from the ephemeral range would
+    be taken by some outgoing connection now and then, and the next run would fail."""
+    base = next(p for p in range(20000, 30000, 7) if _bindable(p) and _bindable(p + 100))
+    others = [p for p in range(30001, 31000, 11) if _bindable(p)][:5]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", base))
+        taken.listen()
+        chosen, notes = quickstart.choose_ports({}, quickstart.Ports(base, *others))
+    assert chosen.https == base + 100
+    assert notes == [
+        f"port {base} is in use: the HTTPS listener gets {base + 100} instead "
+        "(written to the config; --port picks another)"
+    ]
+
+
 def test_printed_commands_name_the_running_executable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -177,3 +177,14 @@ def test_the_workers_metrics_folder_survives_a_read_only_temporary_folder(
         assert folder.parent == Path("/dev/shm") and folder.is_dir()
     finally:
         folder.rmdir()
+
+
+def test_a_parents_tighter_quota_wins_over_the_containers(tmp_path: Path) -> None:
+    """A pod limit (parent cgroup) of 1 CPU over a container cgroup allowed 4."""
+    _cgroup_v1(tmp_path, 100000, path="/kubepods/pod1")
+    _cgroup_v1(tmp_path, 400000, path="/kubepods/pod1/ctr")
+    assert cgroup_cpu_quota(tmp_path, "3:cpu,cpuacct:/kubepods/pod1/ctr\n") == 1.0
+    (tmp_path / "v2" / "pod").mkdir(parents=True)
+    (tmp_path / "v2" / "cpu.max").write_text("100000 100000\n")
+    (tmp_path / "v2" / "pod" / "cpu.max").write_text("300000 100000\n")
+    assert cgroup_cpu_quota(tmp_path / "v2", "0::/pod\n") == 1.0
