@@ -20,7 +20,9 @@ def check_config(path: Path) -> str:
     tls = cfg.tls
     # The store proves every file the proxy will load (server, client CAs, deny list,
     # backend identities) and builds the contexts, exactly as `serve` starts.
-    material = CredentialStore(tls, backends=all_backend_files(cfg)).current()
+    material = CredentialStore(
+        tls, backends=all_backend_files(cfg), alpns=[lst.alpn_protocols for lst in cfg.listeners]
+    ).current()
     creds = material.credentials
     # The route tables too: everything `serve` refuses before it binds, check refuses.
     for i, listener in enumerate(cfg.listeners):

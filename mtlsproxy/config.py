@@ -95,6 +95,22 @@ def _check_allow(allow: list[AllowRule] | None) -> None:
 IDENTITY_HEADERS = ("xfcc", "client-cert", "client-cert-chain")
 
 
+def _check_alpn(protocols: tuple[str, ...], mode: str) -> None:
+    if not protocols:
+        raise ValueError('alpn is a list of protocol names, e.g. ["h2"]; leave it out for none')
+    for name in protocols:
+        if not 1 <= len(name) <= 255 or not all(0x21 <= ord(c) <= 0x7E for c in name):
+            raise ValueError(f"alpn {name!r}: a protocol name is 1 to 255 printable ASCII bytes")
+    if len(set(protocols)) != len(protocols):
+        raise ValueError(f"alpn lists a protocol twice: {list(protocols)}")
+    if mode == "http" and list(protocols) != ["http/1.1"]:
+        raise ValueError(
+            f'alpn = {list(protocols)}: an http listener serves HTTP/1.1 only ("http/1.1");'
+            ' HTTP/2 is not served yet. For gRPC now, a tcp listener with alpn = ["h2"]'
+            " passes it through to an h2c backend"
+        )
+
+
 def _check_identity_headers(chosen: tuple[str, ...]) -> None:
     allowed = ", ".join(repr(h) for h in IDENTITY_HEADERS)
     for i, value in enumerate(chosen):
@@ -172,8 +188,14 @@ class Listener(Struct, frozen=True):
     idle_timeout: Duration = Duration("60s")
     max_header_size: ByteSize = ByteSize(16 * 1024)
     max_body_size: ByteSize = ByteSize(0)  # 0: no limit (bodies stream, never buffer)
+    # ALPN, in server preference order. http: "http/1.1" (HTTP/2 is not served yet); tcp:
+    # none by default, or the protocols the bytes are passed through as (["h2"] lets a
+    # gRPC client in, with an h2c backend behind).
+    alpn: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.alpn is not None:
+            _check_alpn(self.alpn, self.mode)
         if self.mode == "http":
             if not self.routes:
                 raise ValueError("an http listener needs at least one [[listeners.routes]]")
@@ -195,6 +217,13 @@ class Listener(Struct, frozen=True):
     @property
     def label(self) -> str:
         return self.name or str(self.listen)
+
+    @property
+    def alpn_protocols(self) -> tuple[bytes, ...] | None:
+        """What the TLS handshake offers to select, None: no ALPN at all."""
+        if self.mode == "http":
+            return (b"http/1.1",)
+        return None if self.alpn is None else tuple(p.encode("ascii") for p in self.alpn)
 
 
 class TLS(Struct, frozen=True):

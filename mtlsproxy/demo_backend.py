@@ -12,7 +12,7 @@ message, and on the message ``close <code> <reason>`` closes with that code.
 
 The TCP echo (``serve_tcp_echo``) reads the PROXY protocol v2 header the proxy sends on a
 ``proxy_protocol = "v2"`` listener, answers one JSON line with the identity it carried
-(client address, CN, SPIFFE id, fingerprint, TLS version), then echoes every byte back,
+(client address, CN, SPIFFE id, fingerprint, TLS version, ALPN), then echoes every byte back,
 and passes a half-close on.
 
 It trusts the identity headers because only the proxy can reach it: that is the whole
@@ -177,6 +177,7 @@ async def _read_proxy_header(stream: trio.SocketStream) -> tuple[dict[str, Any],
                     "fingerprint": header.tlvs.get(
                         proxy_protocol.PP2_TYPE_FINGERPRINT, b""
                     ).decode(),
+                    "alpn": header.tlvs.get(proxy_protocol.PP2_TYPE_ALPN, b"").decode() or None,
                 }, rest
             data = await stream.receive_some(_CHUNK)
             if not data:

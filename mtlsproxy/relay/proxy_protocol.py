@@ -11,6 +11,8 @@ Byte layout from HAProxy's specification (doc/proxy-protocol.txt, section 2.2):
 
 The TLVs we send:
 
+    0x01 PP2_TYPE_ALPN       the protocol the client and the proxy agreed on (e.g. "h2"), on a
+                             listener with ``alpn``
     0x20 PP2_TYPE_SSL        client flags (1 byte: PP2_CLIENT_SSL, PP2_CLIENT_CERT_CONN when the
                              certificate was shown on this connection, PP2_CLIENT_CERT_SESS),
                              verify (4 bytes, 0: the certificate was verified), then sub-TLVs:
@@ -33,6 +35,7 @@ SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 VERSION_PROXY = 0x21
 FAMILY_TCP4, FAMILY_TCP6 = 0x11, 0x21
 
+PP2_TYPE_ALPN = 0x01
 PP2_TYPE_SSL = 0x20
 PP2_SUBTYPE_SSL_VERSION = 0x21
 PP2_SUBTYPE_SSL_CN = 0x22

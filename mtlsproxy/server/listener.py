@@ -166,7 +166,7 @@ async def _admit(
     label = runtime.label
     metrics = shared.metrics
     material = shared.store.current()
-    tls = TLSStream(stream, material.context_for(runtime.config.mode), server_side=True)
+    tls = TLSStream(stream, material.context_for(runtime.config.alpn_protocols), server_side=True)
     started = trio.current_time()
     try:
         await tls.do_handshake(timeout=shared.handshake_timeout)

@@ -61,7 +61,11 @@ class Proxy:
         self.worker = worker
         self.metrics = Metrics()
         self.sessions = SessionRegistry()
-        self.store = CredentialStore(config.tls, backends=all_backend_files(config))
+        self.store = CredentialStore(
+            config.tls,
+            backends=all_backend_files(config),
+            alpns=[listener.alpn_protocols for listener in config.listeners],
+        )
         for trouble in trust_warnings(self.store.current().credentials, config.tls.client_ca):
             log.warning("%s", trouble)
         self.access = AccessLog(config.log.access, on_drop=self.metrics.access_log_dropped.inc)

@@ -166,7 +166,10 @@ async def _connect(
 def proxy_header(client: TLSStream, session: Session) -> bytes:
     """The PROXY v2 header for this client connection: addresses and identity TLVs."""
     identity = session.identity
-    tlvs = proxy_protocol.ssl_tlv(
+    tlvs = b""
+    if (alpn := client.alpn_protocol) is not None:  # what the bytes are, e.g. h2
+        tlvs += proxy_protocol.tlv(proxy_protocol.PP2_TYPE_ALPN, alpn)
+    tlvs += proxy_protocol.ssl_tlv(
         tls_version=client.tls_version, cn=identity.cn, resumed=client.session_reused
     )
     if identity.spiffe_id:

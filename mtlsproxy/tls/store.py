@@ -94,21 +94,26 @@ class Pending:
     since: datetime  # when that content was first read
 
 
+HTTP_ALPN = (b"http/1.1",)
+# What a store builds when it is not told: http listeners (and the admin's) and raw TCP.
+DEFAULT_ALPNS: tuple[tuple[bytes, ...] | None, ...] = (HTTP_ALPN, None)
+
+
 @dataclass(frozen=True)
 class Material:
     credentials: Credentials  # what is in force: the files' content, plus pending removals
     generation: int
     loaded_at: datetime
-    http_context: SSL.Context  # ALPN http/1.1
-    raw_context: SSL.Context  # no ALPN: raw TCP listeners
+    # A server context per ALPN list the listeners use (None: no ALPN); http/1.1 always.
+    contexts: Mapping[tuple[bytes, ...] | None, SSL.Context]
     root_fingerprints: frozenset[str]  # the CAs of client_ca, "sha256:<hex>"
     backends: Mapping[BackendFiles, tuple[BackendCredentials, SSL.Context]] = field(
         default_factory=dict
     )
     pending: Pending | None = None
 
-    def context_for(self, mode: str) -> SSL.Context:
-        return self.http_context if mode == "http" else self.raw_context
+    def context_for(self, alpn: tuple[bytes, ...] | None = HTTP_ALPN) -> SSL.Context:
+        return self.contexts[alpn]
 
     def backend_context(self, files: BackendFiles) -> SSL.Context:
         return self.backends[files][1]
@@ -130,20 +135,21 @@ def build_material(
     pending: Pending | None = None,
     *,
     previous: Material | None = None,
+    alpns: Iterable[tuple[bytes, ...] | None] = DEFAULT_ALPNS,
 ) -> Material:
     """``previous``: the material in force; a backend identity whose files did not change
     keeps its context, so a swap for another reason (a deny entry, a server certificate)
     does not retire every pooled backend connection."""
     sid = hashlib.sha256(b"mtlsproxy session id context\0" + creds.digest.encode()).digest()
 
-    def context(alpn: list[bytes] | None) -> SSL.Context:
+    def context(alpn: tuple[bytes, ...] | None) -> SSL.Context:
         return build_server_context(
             cert_chain=list(creds.cert_chain),
             key=creds.key,
             client_cas=list(creds.client_cas),
             min_version=tls.min_version,
             groups=tls.groups,
-            alpn=alpn,
+            alpn=None if alpn is None else list(alpn),
             session_id_context=sid,
         )
 
@@ -151,8 +157,7 @@ def build_material(
         credentials=creds,
         generation=generation,
         loaded_at=datetime.now(UTC),
-        http_context=context([b"http/1.1"]),
-        raw_context=context(None),
+        contexts={alpn: context(alpn) for alpn in dict.fromkeys((HTTP_ALPN, *alpns))},
         root_fingerprints=frozenset(fingerprint(ca) for ca in creds.client_cas),
         backends={
             files: _backend_entry(backend, tls, previous)
@@ -187,8 +192,10 @@ class CredentialStore:
         backends: Iterable[BackendFiles] = (),
         now: datetime | None = None,
         clock: Callable[[], float] = time.monotonic,
+        alpns: Iterable[tuple[bytes, ...] | None] = DEFAULT_ALPNS,
     ) -> None:
         self._tls = tls
+        self._alpns = tuple(dict.fromkeys(alpns))  # the listeners' ALPN lists: a context each
         self._backend_files = tuple(dict.fromkeys(backends))  # unique, in config order
         self._clock = clock
         server_paths = [tls.cert, tls.key, tls.client_ca, tls.deny, tls.server_ca]
@@ -198,7 +205,9 @@ class CredentialStore:
         self._seen = first.digest  # the content last read and proved
         self._settled = first.credentials  # the last content fully in force
         self._held: tuple[_Read, float] | None = None  # content with removals, first seen
-        self._material = build_material(first.credentials, tls, 1, first.backends)
+        self._material = build_material(
+            first.credentials, tls, 1, first.backends, alpns=self._alpns
+        )
         self.last_result = ReloadResult(datetime.now(UTC), "start", "swapped", 1)
         self._last_failed: str | None = None  # what the last failure was about
         self._starved = False  # a poll found the process out of file descriptors
@@ -283,6 +292,7 @@ class CredentialStore:
                 read.backends,
                 pending,
                 previous=self._material,
+                alpns=self._alpns,
             )
         except (CredentialError, SSL.Error, ValueError) as exc:
             return self._failed(source, exc, fingerprint_of_failure=digest)
@@ -303,6 +313,7 @@ class CredentialStore:
                 self.generation + 1,
                 read.backends,
                 previous=self._material,
+                alpns=self._alpns,
             )
         except (CredentialError, SSL.Error, ValueError) as exc:  # did prove before
             return self._failed(source, exc, fingerprint_of_failure=read.digest)
