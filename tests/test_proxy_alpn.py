@@ -210,6 +210,21 @@ async def test_a_client_offering_none_of_the_list_gets_no_application_protocol(
     assert b"ALPN protocol: h2" in agreed.stdout
 
 
+def load_listener(folder: Path, server: Pair, ca: CertificateAuthority, listener: str) -> Any:
+    path = folder / "c.toml"
+    path.write_text(f"""
+[tls]
+cert = "{server.crt}"
+key = "{server.key}"
+client_ca = "{ca.folder / "ca.crt"}"
+
+[[listeners]]
+listen = "127.0.0.1:0"
+{listener}
+""")
+    return config.load(path)
+
+
 @pytest.mark.parametrize(
     ("mode", "alpn", "error"),
     [
@@ -222,44 +237,17 @@ async def test_a_client_offering_none_of_the_list_gets_no_application_protocol(
 def test_alpn_mistakes_are_named_at_load(
     tmp_path: Path, server_pair: Pair, ca: CertificateAuthority, mode: str, alpn: str, error: str
 ) -> None:
-    where = (
-        'backends = ["127.0.0.1:9"]'
-        if mode == "tcp"
-        else '[[listeners.routes]]\npath_prefix = "/"\nbackends = ["127.0.0.1:9"]'
-    )
-    path = tmp_path / "c.toml"
-    path.write_text(f"""
-[tls]
-cert = "{server_pair.crt}"
-key = "{server_pair.key}"
-client_ca = "{ca.folder / "ca.crt"}"
-
-[[listeners]]
-listen = "127.0.0.1:0"
-mode = "{mode}"
-alpn = {alpn}
-{where}
-""")
+    where = 'backends = ["127.0.0.1:9"]' if mode == "tcp" else HTTP_ROUTE
     with pytest.raises(ConfigError, match=error) as failed:
-        config.load(path)
+        load_listener(tmp_path, server_pair, ca, f'mode = "{mode}"\nalpn = {alpn}\n{where}')
     assert "listeners[0]" in str(failed.value)
+
+
+HTTP_ROUTE = '[[listeners.routes]]\npath_prefix = "/"\nbackends = ["127.0.0.1:9"]'
 
 
 def test_http_listeners_keep_http_1_1(
     tmp_path: Path, server_pair: Pair, ca: CertificateAuthority
 ) -> None:
-    path = tmp_path / "c.toml"
-    path.write_text(f"""
-[tls]
-cert = "{server_pair.crt}"
-key = "{server_pair.key}"
-client_ca = "{ca.folder / "ca.crt"}"
-
-[[listeners]]
-listen = "127.0.0.1:0"
-alpn = ["http/1.1"]
-[[listeners.routes]]
-path_prefix = "/"
-backends = ["127.0.0.1:9"]
-""")
-    assert config.load(path).listeners[0].alpn_protocols == (b"http/1.1",)
+    loaded = load_listener(tmp_path, server_pair, ca, f'alpn = ["http/1.1"]\n{HTTP_ROUTE}')
+    assert loaded.listeners[0].alpn_protocols == (b"http/1.1",)
