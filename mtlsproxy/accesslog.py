@@ -53,6 +53,7 @@ class AccessRecord(msgspec.Struct, kw_only=True):
     duration_ms: float = 0.0
     upstream: str | None = None  # the backend that served it
     end: str | None = None  # how a WebSocket or TCP session ended
+    alpn: str | None = None  # the protocol agreed in the handshake (tcp listeners with alpn)
     # Every field is always present: null means not known, or not applicable to the kind.
 
 

@@ -217,6 +217,7 @@ async def test_metrics_move_and_the_access_log_names_who_did_what(
     assert refused.route == "ops-only" and refused.cn == "player-7"
     (tcp,) = by_kind["tcp"]
     assert tcp.bytes_in == 5 and tcp.bytes_out > 5 and tcp.end == "closed"
+    assert tcp.alpn is None and ok_http.alpn is None  # no alpn on that listener
     (ws,) = by_kind["websocket"]
     assert ws.status == 101 and ws.path == "/ws" and ws.bytes_in > 0 and ws.cn == "player-7"
     text = s.access.read_text()

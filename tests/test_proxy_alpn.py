@@ -85,6 +85,9 @@ client_ca = "{ca.folder / "ca.crt"}"
 [admin]
 listen = "127.0.0.1:0"
 
+[log]
+access = "{folder / "access.log"}"
+
 [[listeners]]
 listen = "127.0.0.1:0"
 mode = "tcp"
@@ -118,6 +121,12 @@ def test_grpc_through_a_tcp_listener_that_selects_h2(
         async with trio.open_nursery() as nursery:
             port = await start_proxy(nursery, tmp_path, ca, server_pair, grpc_backend, '["h2"]')
             await trio.to_thread.run_sync(calls, port)
+            with trio.fail_after(10):  # the session's line, once the channel has closed
+                while not (lines := (tmp_path / "access.log").read_text().splitlines()):
+                    await trio.sleep(0.05)
+            record = msgspec.json.decode(lines[0])
+            assert record["kind"] == "tcp" and record["alpn"] == "h2"
+            assert record["cn"] == "player-1" and record["bytes_in"] > 0
             nursery.cancel_scope.cancel()
 
     def calls(port: int) -> None:

@@ -124,6 +124,7 @@ async def relay_tcp(
                 bytes_out=bytes_out.total,
                 upstream=str(backend.backend) if backend is not None else None,
                 end=end if session.closing is None else f"{end}: {session.closing}",
+                alpn=alpn.decode("ascii", "replace") if (alpn := client.alpn_protocol) else None,
             )
 
 
