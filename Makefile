@@ -63,7 +63,7 @@ $(BENCH_STAMP): $(TEST_STAMP)
 # package is checked against its hash: the build backend first (build.txt), then the
 # locked packages and the project itself, built with it (no isolated, unpinned setuptools).
 # llhttp ships as source only: building it needs a C compiler and Python's headers.
-PY_HEADERS := $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+PY_HEADERS = $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
 PIP := $(BIN)/python -m pip install --quiet
 $(RUN_STAMP): requirements/build.txt requirements/run.txt pyproject.toml | $(BIN)/python build-tools
 	$(PIP) --require-hashes -r requirements/build.txt

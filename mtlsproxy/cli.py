@@ -36,6 +36,7 @@ from mtlsproxy.pki.describe import render, summarize
 from mtlsproxy.policy import denied_by
 from mtlsproxy.server.run import serve
 from mtlsproxy.server.workers import prepare_worker
+from mtlsproxy.tls.store import ReloadResult
 from mtlsproxy.units import format_duration, parse_duration
 from mtlsproxy.workerenv import ENV_WORKER
 
@@ -494,7 +495,7 @@ def _reload(args: argparse.Namespace) -> int:
     try:
         if cfg.admin.mtls:
             scheme = "https"
-            conn.sock = _admin_tls(cfg, args, peer, where)
+            conn.sock = _admin_tls(cfg, args, peer)
         conn.request("POST", "/reload")
         answer = conn.getresponse()
         body = answer.read()
@@ -515,10 +516,10 @@ def _reload(args: argparse.Namespace) -> int:
     if answer.status not in (200, 422):
         raise MtlsProxyError(f"{scheme}://{peer}/reload answered {answer.status}: {text}")
     try:
-        result = msgspec.json.decode(body)
-        outcome, generation, error = result["result"], result["generation"], result["error"]
-    except (msgspec.DecodeError, KeyError, TypeError) as exc:
+        result = msgspec.json.decode(body, type=ReloadResult)  # what admin.py sends
+    except msgspec.DecodeError as exc:  # ValidationError included
         raise MtlsProxyError(f"{scheme}://{peer}/reload answered {answer.status}: {text}") from exc
+    outcome, generation, error = result.result, result.generation, result.error
     if answer.status == 422:
         raise MtlsProxyError(
             f"the proxy at {peer} refused the files and keeps serving with what it had "
@@ -531,9 +532,7 @@ def _reload(args: argparse.Namespace) -> int:
     return 0
 
 
-def _admin_tls(
-    cfg: config.Config, args: argparse.Namespace, peer: Address, where: str
-) -> ssl.SSLSocket:
+def _admin_tls(cfg: config.Config, args: argparse.Namespace, peer: Address) -> ssl.SSLSocket:
     """admin.mtls = true: TLS to the admin listener, trusting only the proxy's own CA."""
     if args.cert is None or args.key is None:
         raise UsageError(

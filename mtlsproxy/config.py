@@ -103,7 +103,7 @@ def _check_alpn(protocols: tuple[str, ...], mode: str) -> None:
             raise ValueError(f"alpn {name!r}: a protocol name is 1 to 255 printable ASCII bytes")
     if len(set(protocols)) != len(protocols):
         raise ValueError(f"alpn lists a protocol twice: {list(protocols)}")
-    if mode == "http" and list(protocols) != ["http/1.1"]:
+    if mode == "http" and tuple(p.encode("ascii") for p in protocols) != HTTP_ALPN:
         raise ValueError(
             f'alpn = {list(protocols)}: an http listener serves HTTP/1.1 only ("http/1.1");'
             ' HTTP/2 is not served yet. For gRPC now, a tcp listener with alpn = ["h2"]'
@@ -172,6 +172,9 @@ class Route(Struct, frozen=True):
             )
 
 
+HTTP_ALPN = (b"http/1.1",)  # what http listeners select (HTTP/2 is not served yet)
+
+
 class Listener(Struct, frozen=True):
     listen: Address
     mode: Literal["http", "tcp"] = "http"
@@ -222,7 +225,7 @@ class Listener(Struct, frozen=True):
     def alpn_protocols(self) -> tuple[bytes, ...] | None:
         """What the TLS handshake offers to select, None: no ALPN at all."""
         if self.mode == "http":
-            return (b"http/1.1",)
+            return HTTP_ALPN
         return None if self.alpn is None else tuple(p.encode("ascii") for p in self.alpn)
 
 

@@ -208,6 +208,7 @@ def websocket_library() -> Any:
 
 
 async def _websocket_echo(request: Any) -> None:
+    closed = websocket_library().ConnectionClosed
     offered = request.proposed_subprotocols
     ws = await request.accept(subprotocol=offered[0] if offered else None)
     seen: dict[str, list[str]] = {}
@@ -226,7 +227,7 @@ async def _websocket_echo(request: Any) -> None:
                 await ws.aclose(int(code), reason)
                 return
             await ws.send_message(message)
-    except websocket_library().ConnectionClosed:
+    except closed:
         return
 
 

@@ -113,8 +113,6 @@ def config_text(ports: Ports = DEFAULT_PORTS) -> str:
     return _TEMPLATE.format(**asdict(ports))
 
 
-CONFIG = config_text()
-
 DENY = """\
 # One identity a line: sha256:<hex>, serial:<hex>, uri:<uri>, cn:<name>.
 # `mtlsproxy ca show client.crt` prints a certificate's fingerprint.
@@ -471,14 +469,8 @@ async def _serve(
         nursery.cancel_scope.cancel()
 
 
-def instructions(
-    files: QuickstartFiles,
-    lay: Layout | None = None,
-    command: str = "mtlsproxy",
-    warnings: Sequence[str] = (),
-) -> str:
+def instructions(files: QuickstartFiles, lay: Layout, command: str, warnings: Sequence[str]) -> str:
     rel = _relative_to_cwd
-    lay = lay or layout(config.load(files.config))
     a, c, k = (
         rel(files.ca_dir / "ca.crt"),
         rel(files.crt(files.client)),

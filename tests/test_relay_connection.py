@@ -489,21 +489,16 @@ async def test_a_close_asked_while_the_backend_works_is_said_on_that_response(
         await proxy.ended.wait()
 
 
-class CloseAsDataArrives(trio.abc.HalfCloseableStream):
-    """The proxy's end of the client connection; the session is asked to close in the
-    instant a second request's bytes are handed over (a drain racing a request)."""
+class Wrapped(trio.abc.HalfCloseableStream):
+    """The proxy's end of the client connection, handed through to ``inner``; subclasses
+    watch what passes."""
 
     def __init__(self, inner: trio.abc.HalfCloseableStream, session: Session) -> None:
         self.inner = inner
         self.session = session
-        self.receives = 0
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        data = await self.inner.receive_some(max_bytes)
-        self.receives += 1
-        if self.receives == 2 and data:
-            self.session.close("draining")  # after the data was taken, before we resume
-        return bytes(data)
+        return bytes(await self.inner.receive_some(max_bytes))
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.inner.send_all(data)
@@ -516,6 +511,20 @@ class CloseAsDataArrives(trio.abc.HalfCloseableStream):
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+class CloseAsDataArrives(Wrapped):
+    """The session is asked to close in the instant a second request's bytes are handed
+    over (a drain racing a request)."""
+
+    receives = 0
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        data = await super().receive_some(max_bytes)
+        self.receives += 1
+        if self.receives == 2 and data:
+            self.session.close("draining")  # after the data was taken, before we resume
+        return data
 
 
 async def test_a_request_that_arrives_as_a_drain_begins_is_answered(
@@ -601,28 +610,14 @@ async def test_a_status_below_100_is_502_not_a_crash(nursery: trio.Nursery) -> N
         assert (await proxy.read_all()).startswith(b"HTTP/1.1 502 ")
 
 
-class CountingWrites(trio.abc.HalfCloseableStream):
-    """The proxy's end of the client connection, counting its writes."""
+class CountingWrites(Wrapped):
+    """Counts the proxy's writes to the client."""
 
-    def __init__(self, inner: trio.abc.HalfCloseableStream, session: Session) -> None:
-        self.inner = inner
-        self.writes = 0
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        return bytes(await self.inner.receive_some(max_bytes))
+    writes = 0
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         self.writes += 1
-        await self.inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def send_eof(self) -> None:
-        await self.inner.send_eof()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
+        await super().send_all(data)
 
 
 async def test_per_connection_work_is_done_once_and_a_small_response_is_one_write(

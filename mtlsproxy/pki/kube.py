@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
+from mtlsproxy.client import PrivateTrustContext
 from mtlsproxy.errors import MtlsProxyError, UsageError
 
 ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
@@ -76,7 +77,7 @@ def publish_secret(
     parts = urlsplit(api.url)
     if parts.scheme != "https" or not parts.hostname:
         raise UsageError(f"--api {api.url!r}: give https://host:port")
-    context = ssl.create_default_context(cafile=str(api.ca))  # only the cluster's CA
+    context = PrivateTrustContext(api.ca)  # only the cluster's CA, name checked
     conn = http.client.HTTPSConnection(
         parts.hostname, parts.port or 443, context=context, timeout=timeout
     )

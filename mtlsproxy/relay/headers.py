@@ -181,7 +181,8 @@ def upstream_request_headers(
         # X-Forwarded-Client-Cert as the same variable: an underscore spelling of a
         # header we own or strip would slip a forged identity past us.
         folded = name.replace(b"_", b"-")
-        if _is_hop(folded, nominated) or folded in PROXY_OWNED:
+        # Expect: the proxy answers 100-continue itself (``Exchange``): it never travels on.
+        if _is_hop(folded, nominated) or folded in PROXY_OWNED or name == b"expect":
             continue
         out.append((raw_name, value))
     # A chunked request needs the header back: ours (framing allows only ``chunked``),

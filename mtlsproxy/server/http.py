@@ -145,7 +145,6 @@ class HttpConnection:
     __slots__ = (
         "_allowed",
         "_clock",
-        "_connected",
         "_current",
         "_forwarding",
         "_phase",
@@ -196,7 +195,6 @@ class HttpConnection:
         # True when the connection ends with no unread input from the client, so a
         # plain close cannot turn into a RST that destroys the last response.
         self.clean_end = False
-        self._connected = 0.0
         self._reader = MessageReader(max_head=listener.max_header_size)
         self._clock: trio.CancelScope  # made by run(), with the first head's deadline
         self._phase = _IDLE
@@ -208,10 +206,10 @@ class HttpConnection:
         self._allowed: dict[int, bool] = {}
 
     async def run(self) -> None:
-        self._connected = trio.current_time()  # the handshake has just ended
+        connected = trio.current_time()  # the handshake has just ended
         self.clean_end = False
         # The first head's clock starts at the end of the handshake.
-        deadline = self._connected + self.listener.header_timeout.seconds
+        deadline = connected + self.listener.header_timeout.seconds
         self._clock = clock = trio.CancelScope(deadline=deadline)
         self._phase = _IDLE
         with clock:
@@ -386,14 +384,13 @@ class HttpConnection:
         except Refused as exc:
             self.session.close(exc.standing)
             raise
-        exchange = Exchange(
+        return Exchange(
             head,
             route,
             target=target,
             websocket_allowed=route.config.websocket,
             closing=self.session.closing is not None,
         )
-        return exchange
 
     def _authorize(self, exchange: Exchange[RouteRuntime]) -> None:
         route = exchange.route
@@ -476,11 +473,7 @@ class HttpConnection:
             allow_websocket=exchange.websocket,
             forwarding=forwarding,
         )
-        # We answer `Expect: 100-continue` ourselves, once a backend connection is up,
-        # so the expectation must not travel on.
-        upstream_req = request_head(
-            head.method, exchange.target, [(k, v) for k, v in headers if k.lower() != b"expect"]
-        )
+        upstream_req = request_head(head.method, exchange.target, headers)
         # Body bytes that came with the head go up with it, after the checks they owe
         # (chunk framing, the body limit): what is refused is refused with nothing sent.
         upstream_req += self._buffered_body(exchange)
@@ -781,8 +774,7 @@ class HttpConnection:
     async def _websocket(
         self, exchange: Exchange[RouteRuntime], up: Upstream, switch: _Switch
     ) -> None:
-        self._phase = _CONNECT
-        self._clock.deadline = math.inf  # the frame relay keeps its own clocks
+        self._unclock()  # the frame relay keeps its own clocks
         self.session.kind = "websocket"
         started = trio.current_time()
         label, metrics = exchange.route.label, self.metrics

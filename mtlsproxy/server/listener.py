@@ -79,9 +79,11 @@ class ListenerRuntime:
     label: str = field(init=False)
     allow: Allow | None = field(init=False)  # mode = "tcp": its rules, normalized at load
     forwards_chain: bool = field(init=False)  # a route sends Client-Cert-Chain
+    alpn: tuple[bytes, ...] | None = field(init=False)  # the server context's key
 
     def __post_init__(self) -> None:
         self.label = self.config.label
+        self.alpn = self.config.alpn_protocols
         self.allow = None if self.config.allow is None else Allow(self.config.allow)
         self.forwards_chain = any(
             "client-cert-chain" in route.identity_headers for route in self.config.routes
@@ -166,7 +168,7 @@ async def _admit(
     label = runtime.label
     metrics = shared.metrics
     material = shared.store.current()
-    tls = TLSStream(stream, material.context_for(runtime.config.alpn_protocols), server_side=True)
+    tls = TLSStream(stream, material.context_for(runtime.alpn), server_side=True)
     started = trio.current_time()
     try:
         await tls.do_handshake(timeout=shared.handshake_timeout)

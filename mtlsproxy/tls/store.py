@@ -65,7 +65,7 @@ from cryptography.hazmat.primitives import hashes
 from OpenSSL import SSL
 
 from mtlsproxy.certinfo import fingerprint
-from mtlsproxy.config import TLS
+from mtlsproxy.config import HTTP_ALPN, TLS
 from mtlsproxy.denylist import DenyList
 from mtlsproxy.errors import CredentialError
 from mtlsproxy.tls.backend import (
@@ -94,7 +94,6 @@ class Pending:
     since: datetime  # when that content was first read
 
 
-HTTP_ALPN = (b"http/1.1",)
 # What a store builds when it is not told: http listeners (and the admin's) and raw TCP.
 DEFAULT_ALPNS: tuple[tuple[bytes, ...] | None, ...] = (HTTP_ALPN, None)
 
