@@ -78,7 +78,9 @@ class Admin:
             with trio.fail_after(_DEADLINE):
                 refusal: str | None = None
                 if self.settings.mtls:
-                    tls = TLSStream(stream, self.store.current().context_for(), server_side=True)
+                    tls = TLSStream(
+                        stream, self.store.current().context_for(config.H1_ALPN), server_side=True
+                    )
                     channel = tls
                     try:
                         await tls.do_handshake(timeout=_DEADLINE)

@@ -103,11 +103,11 @@ def _check_alpn(protocols: tuple[str, ...], mode: str) -> None:
             raise ValueError(f"alpn {name!r}: a protocol name is 1 to 255 printable ASCII bytes")
     if len(set(protocols)) != len(protocols):
         raise ValueError(f"alpn lists a protocol twice: {list(protocols)}")
-    if mode == "http" and tuple(p.encode("ascii") for p in protocols) != HTTP_ALPN:
+    if mode == "http" and not set(protocols) <= set(HTTP_PROTOCOLS):
         raise ValueError(
-            f'alpn = {list(protocols)}: an http listener serves HTTP/1.1 only ("http/1.1");'
-            ' HTTP/2 is not served yet. For gRPC now, a tcp listener with alpn = ["h2"]'
-            " passes it through to an h2c backend"
+            f"alpn = {list(protocols)}: an http listener serves {list(HTTP_PROTOCOLS)}"
+            " (any of them, in the order of preference); other protocols pass through a"
+            " tcp listener"
         )
 
 
@@ -155,6 +155,9 @@ class Route(Struct, frozen=True):
     # Who the client is, as the backends are told: any of IDENTITY_HEADERS; [] for none.
     # Whatever a client sends under these names is removed on every route regardless.
     identity_headers: tuple[str, ...] = ("xfcc",)
+    # How requests go to the backends: HTTP/1.1, or HTTP/2 ("h2": cleartext with prior
+    # knowledge, or over TLS with ALPN h2 when tls = true), which gRPC backends need.
+    upstream_protocol: Literal["http/1.1", "h2"] = "http/1.1"
 
     def __post_init__(self) -> None:
         if not self.path_prefix.startswith("/"):
@@ -170,9 +173,14 @@ class Route(Struct, frozen=True):
             raise ValueError(
                 "tls = true needs tls_cert and tls_key: the proxy's own client certificate"
             )
+        if self.websocket and self.upstream_protocol == "h2":
+            raise ValueError('websocket = true needs upstream_protocol = "http/1.1"')
 
 
-HTTP_ALPN = (b"http/1.1",)  # what http listeners select (HTTP/2 is not served yet)
+# What an http listener serves, and offers by default (server preference: h2 first).
+HTTP_PROTOCOLS = ("h2", "http/1.1")
+HTTP_ALPN = tuple(p.encode("ascii") for p in HTTP_PROTOCOLS)
+H1_ALPN = (b"http/1.1",)  # what speaks HTTP/1.1 only (the admin listener)
 
 
 class Listener(Struct, frozen=True):
@@ -191,9 +199,10 @@ class Listener(Struct, frozen=True):
     idle_timeout: Duration = Duration("60s")
     max_header_size: ByteSize = ByteSize(16 * 1024)
     max_body_size: ByteSize = ByteSize(0)  # 0: no limit (bodies stream, never buffer)
-    # ALPN, in server preference order. http: "http/1.1" (HTTP/2 is not served yet); tcp:
-    # none by default, or the protocols the bytes are passed through as (["h2"] lets a
-    # gRPC client in, with an h2c backend behind).
+    # ALPN, in server preference order. http: any of "h2" and "http/1.1" (default both,
+    # h2 first; a client without ALPN speaks HTTP/1.1); tcp: none by default, or the
+    # protocols the bytes are passed through as (["h2"] lets a gRPC client in, with an
+    # h2c backend behind).
     alpn: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
@@ -224,7 +233,7 @@ class Listener(Struct, frozen=True):
     @property
     def alpn_protocols(self) -> tuple[bytes, ...] | None:
         """What the TLS handshake offers to select, None: no ALPN at all."""
-        if self.mode == "http":
+        if self.mode == "http" and self.alpn is None:
             return HTTP_ALPN
         return None if self.alpn is None else tuple(p.encode("ascii") for p in self.alpn)
 

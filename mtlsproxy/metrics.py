@@ -181,6 +181,19 @@ class Metrics:
             ["listener", "reason"],
             registry=r,
         )
+        self.http2_connections = Counter(
+            "mtlsproxy_http2_connections",
+            "Client connections that selected HTTP/2 (h2) in ALPN",
+            ["listener"],
+            registry=r,
+        )
+        self.http2_goaway = Counter(
+            "mtlsproxy_http2_goaway",
+            "HTTP/2 connections the proxy ended with GOAWAY for a reason of its own: idle, "
+            "protocol_error, enhance_your_calm (a flood: resets, streams, control frames)",
+            ["listener", "reason"],
+            registry=r,
+        )
         self.reloads = Counter(
             "mtlsproxy_reloads",
             "Credential reloads by result: swapped, unchanged, failed",

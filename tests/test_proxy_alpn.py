@@ -237,7 +237,7 @@ listen = "127.0.0.1:0"
 @pytest.mark.parametrize(
     ("mode", "alpn", "error"),
     [
-        ("http", '["h2", "http/1.1"]', "an http listener serves HTTP/1.1 only"),
+        ("http", '["h2", "spdy/3.1"]', "an http listener serves \\['h2', 'http/1.1'\\]"),
         ("tcp", "[]", "alpn is a list of protocol names"),
         ("tcp", '["h2", "h2"]', "lists a protocol twice"),
         ("tcp", '["with space"]', "1 to 255 printable ASCII bytes"),
@@ -255,8 +255,10 @@ def test_alpn_mistakes_are_named_at_load(
 HTTP_ROUTE = '[[listeners.routes]]\npath_prefix = "/"\nbackends = ["127.0.0.1:9"]'
 
 
-def test_http_listeners_keep_http_1_1(
+def test_http_listeners_offer_h2_then_http_1_1_unless_told(
     tmp_path: Path, server_pair: Pair, ca: CertificateAuthority
 ) -> None:
+    loaded = load_listener(tmp_path, server_pair, ca, HTTP_ROUTE)
+    assert loaded.listeners[0].alpn_protocols == (b"h2", b"http/1.1")
     loaded = load_listener(tmp_path, server_pair, ca, f'alpn = ["http/1.1"]\n{HTTP_ROUTE}')
     assert loaded.listeners[0].alpn_protocols == (b"http/1.1",)

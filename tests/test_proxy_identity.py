@@ -144,7 +144,7 @@ async def test_a_denied_identity_gets_403(make_env, issue: IssueFn, tmp_path) ->
         f"# stolen\nsha256:{leaf_sha256(thief)}\nuri:spiffe://nobody.example/x\n"
     )
     env = await make_env(tls=f'deny = "{tmp_path / "deny.txt"}"')
-    proc = await env.curl("-i", env.url + "/", pair=thief)
+    proc = await env.curl("--http1.1", "-i", env.url + "/", pair=thief)
     assert proc.returncode == 0
     assert proc.stdout.startswith(b"HTTP/1.1 403")
     assert b"denied" in proc.stdout and b"sha256" not in proc.stdout

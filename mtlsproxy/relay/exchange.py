@@ -261,16 +261,22 @@ class Exchange(Generic[T]):
         """May the backend connection carry another request (as h11 decided it)?"""
         if self.request != DONE or self.response != DONE or not self.sent:
             return False
-        if head.version != b"1.1" or b"close" in head.connection:
-            return False
-        framing = head.framing
-        delimited = framing.chunked or framing.content_length is not None
-        return delimited or self.is_head or head.status in (204, 304)
+        return keeps_alive(head, is_head=self.is_head)
 
     @staticmethod
     def _expect(state: str, wanted: str, event: str) -> None:
         if state != wanted:
             raise RuntimeError(f"{event} in state {state}")
+
+
+def keeps_alive(head: ResponseHead, *, is_head: bool) -> bool:
+    """May a backend connection carry another request after this response (read to its
+    end, the request sent whole)? HTTP/1.1, no close, and a delimited body (or none)."""
+    if head.version != b"1.1" or b"close" in head.connection:
+        return False
+    framing = head.framing
+    delimited = framing.chunked or framing.content_length is not None
+    return delimited or is_head or head.status in (204, 304)
 
 
 def admit(
@@ -298,4 +304,5 @@ __all__ = [
     "HttpError",
     "Refused",
     "admit",
+    "keeps_alive",
 ]

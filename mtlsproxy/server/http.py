@@ -132,6 +132,42 @@ class _ClientGone(Exception):
     """The client stopped reading or went away; nothing more can be said to it."""
 
 
+async def connect(
+    route: RouteRuntime,
+    pool: UpstreamPool,
+    metrics: Metrics,
+    proxy_header: Callable[[], bytes],
+    before_connect: Callable[[], None] | None = None,
+) -> Upstream:
+    """A connection to one of the route's backends (pooled, or new: each backend that is
+    up, in the route's order), with the PROXY v2 header sent when the route asks for it;
+    BadGateway when none answers. ``before_connect``: called before a new connection."""
+    candidates = pool.eligible(route.backends.order())
+    header = route.config.proxy_protocol == "v2"
+    for backend in candidates:
+        try:
+            up = await pool.acquire(
+                backend,
+                connect_timeout=route.config.connect_timeout.seconds,
+                fresh=header,
+                before_connect=before_connect,
+            )
+        except ConnectFailed as exc:
+            metrics.child(metrics.upstream_connect_errors, route.label, str(backend)).inc()
+            log.warning("route %s: %s", route.label, exc)
+            continue
+        if header:
+            up.private = True  # never pooled: the header names this client only
+            try:
+                with trio.fail_after(route.config.connect_timeout.seconds):
+                    await up.stream.send_all(proxy_header())
+            except (trio.TooSlowError, *_STREAM_ERRORS) as exc:
+                await discard(up)
+                raise BadGateway("backend connection failed") from exc
+        return up
+    raise BadGateway("no backend answered")
+
+
 class HttpConnection:
     """Serves one client connection: any trio stream, plus what is known of the peer.
 
@@ -529,32 +565,7 @@ class HttpConnection:
         return bytes(out)
 
     async def _connect(self, route: RouteRuntime) -> Upstream:
-        candidates = self.pool.eligible(route.backends.order())
-        header = route.config.proxy_protocol == "v2"
-        for backend in candidates:
-            try:
-                up = await self.pool.acquire(
-                    backend,
-                    connect_timeout=route.config.connect_timeout.seconds,
-                    fresh=header,
-                    before_connect=self._unclock,
-                )
-            except ConnectFailed as exc:
-                self.metrics.child(
-                    self.metrics.upstream_connect_errors, route.label, str(backend)
-                ).inc()
-                log.warning("route %s: %s", route.label, exc)
-                continue
-            if header:
-                up.private = True  # never pooled: the header names this client only
-                try:
-                    with trio.fail_after(route.config.connect_timeout.seconds):
-                        await up.stream.send_all(self.proxy_header())
-                except (trio.TooSlowError, *_STREAM_ERRORS) as exc:
-                    await discard(up)
-                    raise BadGateway("backend connection failed") from exc
-            return up
-        raise BadGateway("no backend answered")
+        return await connect(route, self.pool, self.metrics, self.proxy_header, self._unclock)
 
     async def _exchange(
         self, exchange: Exchange[RouteRuntime], up: Upstream, upstream_req: bytes

@@ -35,6 +35,7 @@ from mtlsproxy.identity import (
 from mtlsproxy.metrics import Metrics
 from mtlsproxy.policy import Allow
 from mtlsproxy.relay.routing import RouteTable
+from mtlsproxy.server.h2 import Http2Connection
 from mtlsproxy.server.http import HttpConnection, RouteRuntime
 from mtlsproxy.server.tcp import TcpRoute, proxy_header, relay_tcp
 from mtlsproxy.server.upstream import UpstreamPool
@@ -232,9 +233,11 @@ def _verdict(runtime: ListenerRuntime, tls: TLSStream, shared: Shared, peer: str
 
 def _http_connection(
     runtime: ListenerRuntime, tls: TLSStream, session: Session, shared: Shared
-) -> HttpConnection:
+) -> HttpConnection | Http2Connection:
+    """The relay of the protocol the handshake agreed on (no ALPN: HTTP/1.1)."""
     assert runtime.routes is not None
-    return HttpConnection(
+    kind = Http2Connection if tls.alpn_protocol == b"h2" else HttpConnection
+    return kind(
         tls,
         session=session,
         listener=runtime.config,

@@ -310,7 +310,8 @@ def listener_runtime(
             where = f"listeners[{index}].routes[{j}]"
             label = route.name or f"{route.host or '*'}{route.path_prefix}"
             files = backend_files(route, config) if route.tls else None
-            targets = [Target(b, files, route.tls_server_name) for b in route.backends]
+            h2 = route.upstream_protocol == "h2"
+            targets = [Target(b, files, route.tls_server_name, h2) for b in route.backends]
             allow = None if route.allow is None else Allow(route.allow)
             runtime = RouteRuntime(j, label, route, RoundRobin(targets), allow)
             if route.allow is None:

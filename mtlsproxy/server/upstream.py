@@ -27,6 +27,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 from OpenSSL import SSL
@@ -52,6 +53,7 @@ class Target:
     address: Address
     tls: BackendFiles | None = None  # its current context comes from the credential store
     server_hostname: str | None = None
+    h2: bool = False  # HTTP/2 to the backend (upstream_protocol = "h2"): its own pool
 
     def __str__(self) -> str:
         return str(self.address)
@@ -80,6 +82,8 @@ class Upstream:
     reused: bool = False
     idle_since: float = 0.0
     private: bool = False  # carries one client's PROXY header: never back to the pool
+    # An HTTP/2 backend connection's client side (server.h2upstream), made on first use.
+    h2: Any = None
     _poller: select.poll | None = field(default=None, repr=False)
 
     def looks_alive(self) -> bool:
@@ -217,13 +221,15 @@ class UpstreamPool:
         """Keep ``up`` for reuse if its exchange ended cleanly; False means: close it."""
         if up.private or not up.reusable:
             return False
-        data, closed = up.reader.trailing_data
-        if data or closed:
-            return False  # bytes after the response (a confused backend), or EOF
+        if up.h2 is None:
+            data, closed = up.reader.trailing_data
+            if data or closed:
+                return False  # bytes after the response (a confused backend), or EOF
         idle = self._idle[up.backend]
         if len(idle) >= MAX_IDLE_PER_BACKEND:
             return False
-        up.reader.start_next_cycle()
+        if up.h2 is None:
+            up.reader.start_next_cycle()
         up.reusable = False
         up.idle_since = trio.current_time()
         idle.append(up)

@@ -34,6 +34,8 @@ class BackendFiles:
     cert: Path
     key: Path
     ca: Path
+    # ALPN offered to the backend: (b"h2",) for a route with upstream_protocol = "h2".
+    alpn: tuple[bytes, ...] | None = None
 
     @property
     def paths(self) -> tuple[Path, Path, Path]:
@@ -55,7 +57,10 @@ class BackendCredentials:
 
 def backend_files(route: Route, config: Config) -> BackendFiles:
     assert route.tls_cert is not None and route.tls_key is not None  # the config says so
-    return BackendFiles(route.tls_cert, route.tls_key, route.tls_ca or config.tls.client_ca)
+    alpn = (b"h2",) if route.upstream_protocol == "h2" else None
+    return BackendFiles(
+        route.tls_cert, route.tls_key, route.tls_ca or config.tls.client_ca, alpn=alpn
+    )
 
 
 def all_backend_files(config: Config) -> list[BackendFiles]:
@@ -96,4 +101,5 @@ def build_backend_context(
         key=creds.key,
         min_version=min_version,
         groups=groups,
+        alpn=None if creds.files.alpn is None else list(creds.files.alpn),
     )

@@ -65,7 +65,7 @@ from cryptography.hazmat.primitives import hashes
 from OpenSSL import SSL
 
 from mtlsproxy.certinfo import fingerprint
-from mtlsproxy.config import HTTP_ALPN, TLS
+from mtlsproxy.config import H1_ALPN, HTTP_ALPN, TLS
 from mtlsproxy.denylist import DenyList
 from mtlsproxy.errors import CredentialError
 from mtlsproxy.tls.backend import (
@@ -95,7 +95,7 @@ class Pending:
 
 
 # What a store builds when it is not told: http listeners (and the admin's) and raw TCP.
-DEFAULT_ALPNS: tuple[tuple[bytes, ...] | None, ...] = (HTTP_ALPN, None)
+DEFAULT_ALPNS: tuple[tuple[bytes, ...] | None, ...] = (HTTP_ALPN, H1_ALPN, None)
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ def build_material(
         credentials=creds,
         generation=generation,
         loaded_at=datetime.now(UTC),
-        contexts={alpn: context(alpn) for alpn in dict.fromkeys((HTTP_ALPN, *alpns))},
+        contexts={alpn: context(alpn) for alpn in dict.fromkeys((HTTP_ALPN, H1_ALPN, *alpns))},
         root_fingerprints=frozenset(fingerprint(ca) for ca in creds.client_cas),
         backends={
             files: _backend_entry(backend, tls, previous)

@@ -1,0 +1,177 @@
+"""HTTP/2 streams, as plain code: what a request stream is, and what goes back and up.
+
+Theory of operation
+===================
+
+python-hyper's ``h2`` keeps each connection's state machine, flow-control windows and
+HPACK tables, and already refuses what RFC 9113 calls malformed (connection-specific
+fields, uppercase names, CR/LF/NUL in values, misplaced or repeated pseudo-headers, a
+Host that disagrees with ``:authority``). This module maps a stream onto the proxy's one
+request model, so an HTTP/2 request meets exactly the rules an HTTP/1.1 request meets:
+
+- ``request_head`` turns a stream's header block into a ``RequestHead`` with Host taken
+  from ``:authority`` (or the Host field), the target from ``:path`` and the framing from
+  Content-Length. Then ``relay.exchange.admit`` decides it as any other request: the
+  identity's standing, the canonical target (``//admin`` is ``/admin`` here too), the
+  route, its allow rules. Version ``b"2"``: never a WebSocket upgrade, never chunked.
+- Upstream, the head goes through ``relay.headers.upstream_request_headers`` like every
+  request (every proxy-owned field stripped, the identity headers added), then becomes an
+  HTTP/1.1 head (``relay.h1.request_head``) or an HTTP/2 header list
+  (``upstream_h2_headers``).
+- Downstream, ``client_headers`` keeps what ``relay.headers.client_response_headers``
+  keeps of a response, names lowercased, hop-by-hop fields gone, ``:status`` first.
+
+The abuse limits of a connection (resets, control frames) are ``relay.h2limits``.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+from mtlsproxy.relay.errors import BadRequest
+from mtlsproxy.relay.framing import _HOST, _MAX_CL_DIGITS, FIELD_VALUE, Framing
+from mtlsproxy.relay.h1 import RequestHead
+from mtlsproxy.relay.headers import HOP_BY_HOP, Headers, client_response_headers
+
+VERSION = b"2"
+# What a request may carry to a backend beyond HTTP/1.1's fields: TE with "trailers"
+# only (RFC 9113 §8.2.2), which gRPC servers expect; h2 refuses any other TE value.
+TRAILERS = (b"te", b"trailers")
+
+
+def request_head(headers: Headers, *, end_stream: bool) -> RequestHead:
+    """The request of a stream (``headers``: h2's validated list, pseudo-headers first),
+    or BadRequest. ``end_stream``: the header block ended the stream (no body)."""
+    pseudo, fields = _split(headers)
+    method, path, scheme = pseudo.get(b":method"), pseudo.get(b":path"), pseudo.get(b":scheme")
+    if method is None or path is None or scheme is None:
+        raise BadRequest("missing pseudo-header")
+    if method == b"CONNECT":
+        raise BadRequest("CONNECT is not supported")
+    if scheme != b"https":
+        raise BadRequest("scheme must be https")
+    if path == b"*" and method != b"OPTIONS":
+        raise BadRequest("asterisk-form target is only for OPTIONS")
+    if not (path == b"*" or path.startswith(b"/")):
+        raise BadRequest("malformed :path")
+    authority = _authority(pseudo.get(b":authority"), fields)
+    content_length = _content_length(fields)
+    if content_length is None and end_stream:
+        content_length = 0
+    # Host first, as for HTTP/1.1; a body of unknown length goes up chunked.
+    out: Headers = [(b"host", authority)]
+    out += [(n, v) for n, v in fields if n != b"host"]
+    chunked = content_length is None
+    if chunked:
+        out.append((b"transfer-encoding", b"chunked"))  # ours: h2 refuses the client's
+    framing = Framing(content_length=content_length, chunked=chunked)
+    return RequestHead(method, path, VERSION, out, framing)
+
+
+_PSEUDO = frozenset({b":method", b":path", b":authority", b":scheme"})
+
+
+def _split(headers: Headers) -> tuple[dict[bytes, bytes], Headers]:
+    pseudo: dict[bytes, bytes] = {}
+    fields: Headers = []
+    for name, value in headers:
+        if name[:1] == b":":
+            if name not in _PSEUDO:  # :protocol (extended CONNECT) is not enabled
+                raise BadRequest("unsupported pseudo-header")
+            pseudo[name] = value  # h2 lets each through once
+        elif not FIELD_VALUE.fullmatch(value):  # the HTTP/1.1 floor, on both versions
+            raise BadRequest("control character in header field value")
+        else:
+            fields.append((name, value))
+    return pseudo, fields
+
+
+def _authority(authority: bytes | None, fields: Headers) -> bytes:
+    hosts = [value for name, value in fields if name == b"host"]
+    if authority is None:
+        if len(hosts) != 1:
+            raise BadRequest("exactly one Host header is required")
+        authority = hosts[0]
+    elif hosts and hosts != [authority]:  # h2 compares one Host; more is our refusal
+        raise BadRequest("Host disagrees with :authority")
+    if not _HOST.fullmatch(authority):
+        raise BadRequest("malformed Host header")
+    return authority
+
+
+def _content_length(fields: Headers) -> int | None:
+    lengths = [value for name, value in fields if name == b"content-length"]
+    if not lengths:
+        return None
+    if len(lengths) > 1:
+        raise BadRequest("more than one Content-Length")
+    if not lengths[0].isdigit() or len(lengths[0]) > _MAX_CL_DIGITS:
+        raise BadRequest("malformed Content-Length")
+    return int(lengths[0])
+
+
+def wants_trailers(head: RequestHead) -> bool:
+    """The client said it takes trailers (``te: trailers``, a gRPC client always does)."""
+    return TRAILERS in head.headers
+
+
+def upstream_h2_headers(head: RequestHead, target: bytes, headers: Headers) -> Headers:
+    """The header list for an HTTP/2 backend: pseudo-headers, then ``headers`` (what
+    ``upstream_request_headers`` left of the client's, plus ours) without Host and the
+    chunked framing of HTTP/1.1, names lowercased."""
+    host = next(v for n, v in head.headers if n == b"host")
+    out: Headers = [
+        (b":method", head.method),
+        (b":scheme", b"http"),  # for the backend's eyes; TLS to it or not, as routed
+        (b":authority", host),
+        (b":path", target),
+    ]
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered != b"host" and lowered not in HOP_BY_HOP:
+            out.append((lowered, value))
+    if wants_trailers(head):
+        out.append(TRAILERS)
+    return out
+
+
+def client_headers(status: int, headers: Headers) -> Headers:
+    """A response head for an HTTP/2 client: ``:status``, then the backend's fields
+    without the hop-by-hop ones, names lowercased."""
+    out: Headers = [(b":status", b"%d" % status)]
+    out += [(n.lower(), v) for n, v in client_response_headers(status, headers)]
+    return out
+
+
+def client_trailers(headers: Headers) -> Headers:
+    """A backend's trailers for the client (grpc-status, grpc-message): no pseudo-headers,
+    no hop-by-hop fields."""
+    return [
+        (name.lower(), value)
+        for name, value in headers
+        if name[:1] != b":" and name.lower() not in HOP_BY_HOP
+    ]
+
+
+def error_response(status: int, reason: str, *, head_only: bool = False) -> tuple[Headers, bytes]:
+    """The proxy's own answer on a stream: the same text as ``relay.responses``."""
+    body = f"{status} {HTTPStatus(status).phrase}: {reason}\n".encode()
+    headers: Headers = [
+        (b":status", b"%d" % status),
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", b"%d" % len(body)),
+    ]
+    return headers, b"" if head_only else body
+
+
+_GRPC_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
+
+
+def grpc_timeout(headers: Headers) -> float | None:
+    """The deadline a gRPC client sent (``grpc-timeout: 1500m``), in seconds; None when
+    absent or malformed (at most 8 digits and a unit, per the gRPC HTTP/2 spec)."""
+    value = next((v for n, v in headers if n == b"grpc-timeout"), None)
+    if value is None or not 2 <= len(value) <= 9 or not value[:-1].isdigit():
+        return None
+    unit = _GRPC_UNITS.get(value[-1:])
+    return None if unit is None else int(value[:-1]) * unit

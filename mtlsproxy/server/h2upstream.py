@@ -1,0 +1,104 @@
+"""HTTP/2 to a backend (``upstream_protocol = "h2"``): one stream at a time per connection.
+
+As nginx's ``grpc_pass``: a backend connection carries one request stream at a time and
+goes back to the pool when that stream ended cleanly, so pooling, health marks,
+deadlines and retirement on renewed material stay those of ``server.upstream``, and one
+client's stream never waits behind another's flow control. The connection starts with
+the client preface (prior knowledge for cleartext h2c; over TLS the route's context
+offers ALPN h2 and the backend must select it).
+
+Only the task that relays the response reads from the backend; it hands on every event
+of its stream and keeps the connection-level ones (WINDOW_UPDATE, SETTINGS, GOAWAY).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import trio
+from h2 import events
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.exceptions import ProtocolError
+
+from mtlsproxy.relay.errors import BadGateway, GatewayTimeout
+from mtlsproxy.server.h2io import H2Side
+from mtlsproxy.server.upstream import Upstream
+
+RECEIVE_SIZE = 65536
+_STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+class H2Upstream:
+    """The client side of one HTTP/2 backend connection."""
+
+    __slots__ = ("_events", "closed", "side", "stream_id")
+
+    def __init__(self, stream: trio.abc.Stream, write_timeout: float) -> None:
+        config = H2Configuration(client_side=True, header_encoding=None)
+        conn = H2Connection(config)
+        conn.initiate_connection()  # the preface and our SETTINGS, sent with the first flush
+        self.side = H2Side(conn, stream, write_timeout)
+        self._events: deque[events.Event] = deque()
+        self.closed = False  # GOAWAY received, or the connection failed: never reused
+        self.stream_id = 0
+
+    @classmethod
+    def of(cls, up: Upstream, write_timeout: float) -> H2Upstream:
+        """The HTTP/2 side of a pooled ``Upstream``, made on its first use."""
+        if up.h2 is None:
+            up.h2 = cls(up.stream, write_timeout)
+        h2: H2Upstream = up.h2
+        return h2
+
+    def start(self) -> int:
+        """A new stream id for the next request."""
+        self.stream_id = self.side.conn.get_next_available_stream_id()
+        return self.stream_id
+
+    @property
+    def reusable(self) -> bool:
+        conn = self.side.conn
+        return not self.closed and conn.open_outbound_streams == 0
+
+    async def next_event(self, timeout: float) -> events.Event:
+        """The next event of this connection's current stream (or one about the whole
+        connection), reading the backend for up to ``timeout`` per read."""
+        while True:
+            while self._events:
+                event = self._events.popleft()
+                if self._keep(event):
+                    return event
+            with trio.move_on_after(timeout) as waited:
+                try:
+                    data = await self.side.stream.receive_some(RECEIVE_SIZE)
+                except _STREAM_ERRORS as exc:
+                    self.closed = True
+                    raise BadGateway("backend connection failed") from exc
+            if waited.cancelled_caught:
+                self.closed = True
+                raise GatewayTimeout("backend did not answer in time")
+            if not data:
+                self.closed = True
+                raise BadGateway("backend closed the connection")
+            try:
+                self._events.extend(self.side.conn.receive_data(data))
+            except ProtocolError as exc:
+                self.closed = True
+                raise BadGateway("backend broke HTTP/2", log_detail=f"h2: {exc}") from exc
+            await self.side.flush()  # the acknowledgements h2 queued (SETTINGS, PING)
+
+    def _keep(self, event: events.Event) -> bool:
+        """Handle connection-level events here; True: the stream's caller needs it."""
+        if isinstance(event, events.WindowUpdated):
+            self.side.window_opened(event.stream_id)
+            return False
+        if isinstance(event, events.RemoteSettingsChanged):
+            self.side.window_opened(0)  # INITIAL_WINDOW_SIZE may have moved
+            return False
+        if isinstance(event, events.ConnectionTerminated):
+            self.closed = True
+            last = event.last_stream_id
+            return last is None or last < self.stream_id or event.error_code != 0
+        stream_id = getattr(event, "stream_id", None)
+        return stream_id == self.stream_id
