@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import socket
 import ssl
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import trio
 from hyperframe.frame import Frame, GoAwayFrame
 from proxy_env import CLIENT_TIMEOUT, Env, decode, read_request, route, serve_raw
 from support import IssueFn, Pair, metric_sum, parse_metrics
-from test_proxy_alpn import channel, grpc_backend  # noqa: F401 - grpc_backend: fixture
+from test_proxy_alpn import _count, _say, _sum, channel, grpc_backend  # noqa: F401 - fixture
 from test_reload_live import rotatable, sha256_of
 
 from mtlsproxy.atomicfile import write_atomic
@@ -372,3 +373,67 @@ async def test_grpc_allow_rules_apply_per_call(
         assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED  # HTTP 403
 
     await in_thread(call)
+
+
+@pytest.fixture
+def grpc_tls_backend(server_pair: Pair, client_pair: Pair, ca: CertificateAuthority) -> Any:
+    """A gRPC server on TLS that requires a client certificate of the test CA."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("game.Echo", {
+        "Say": grpc.unary_unary_rpc_method_handler(_say),
+        "Count": grpc.unary_stream_rpc_method_handler(_count),
+        "Sum": grpc.stream_unary_rpc_method_handler(_sum),
+    })])  # fmt: skip
+    credentials = grpc.ssl_server_credentials(
+        [(server_pair.key.read_bytes(), server_pair.crt.read_bytes())],
+        root_certificates=(ca.folder / "ca.crt").read_bytes(),
+        require_client_auth=True,
+    )
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    try:
+        yield port
+    finally:
+        server.stop(grace=None)
+
+
+async def test_grpc_to_a_backend_over_tls_with_the_proxys_client_certificate(
+    make_env: Any, grpc_tls_backend: int, ca: CertificateAuthority, client_pair: Pair
+) -> None:
+    extra = (f'tls = true\ntls_cert = "{client_pair.crt}"\ntls_key = "{client_pair.key}"\n'
+             'tls_server_name = "localhost"')  # fmt: skip
+    env = await make_env(routes=grpc_routes(grpc_tls_backend, extra), backends=0)
+    await in_thread(grpc_calls, env.port, ca, env.client)
+
+
+async def test_a_graceful_goaway_from_an_h2_backend_lets_the_stream_finish(
+    make_env: Any, nursery: Any
+) -> None:
+    """gRPC servers send GOAWAY(NO_ERROR) on max_connection_age and at shutdown, then
+    finish what they have: the stream in flight is answered, the connection not reused."""
+    connections = []
+
+    async def backend(stream: trio.SocketStream) -> None:
+        connections.append(stream)
+        conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=False, header_encoding=None)
+        )
+        conn.initiate_connection()
+        await stream.send_all(conn.data_to_send())
+        while data := await stream.receive_some(65536):
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.RequestReceived):
+                    sid = event.stream_id
+                    goaway = GoAwayFrame(0, last_stream_id=sid, error_code=0)
+                    await stream.send_all(conn.data_to_send() + goaway.serialize())
+                    await trio.sleep(0.05)
+                    conn.send_headers(sid, [(b":status", b"200")])
+                    conn.send_data(sid, b"answered", end_stream=True)
+            await stream.send_all(conn.data_to_send())
+
+    port = await serve_raw(nursery, backend)
+    env = await make_env(routes=grpc_routes(port), backends=0)
+    for _ in range(2):
+        out = await env.curl("--http2", "-sS", env.url + "/x")
+        assert out.returncode == 0 and out.stdout == b"answered", out.stderr
+    assert len(connections) == 2  # the GOAWAY'd connection was not reused

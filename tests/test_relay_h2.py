@@ -162,3 +162,39 @@ def test_ping_and_settings_floods_are_abuse() -> None:
     guard = AbuseGuard()
     for second in range(600):  # a keepalive PING every second for ten minutes: fine
         guard.check(events.PingReceived(ping_data=b"12345678"), now=float(second))
+
+
+# ---- GOAWAY out of h2's sight ----------------------------------------------------------
+
+
+def _frames() -> tuple[bytes, list[tuple[int, int]], bytes]:
+    from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, PingFrame
+
+    data = DataFrame(1, data=b"x" * 3000)
+    goaway = GoAwayFrame(0, last_stream_id=3, error_code=0, additional_data=b"bye")
+    bad = GoAwayFrame(0, last_stream_id=5, error_code=2)
+    stream = [HeadersFrame(1, data=b"\x88", flags=["END_HEADERS"]), data, goaway, PingFrame(0),
+              bad, DataFrame(1, data=b"end", flags=["END_STREAM"])]  # fmt: skip
+    everything = b"".join(f.serialize() for f in stream)
+    others = b"".join(f.serialize() for f in stream if not isinstance(f, GoAwayFrame))
+    return everything, [(3, 0), (5, 2)], others
+
+
+@given(st.lists(st.integers(min_value=1, max_value=4000), max_size=20))
+def test_the_splitter_finds_every_goaway_however_the_bytes_are_cut(cuts: list[int]) -> None:
+    everything, goaways, others = _frames()
+    splitter = rules.GoAwaySplitter()
+    kept, found, pos = b"", [], 0
+    for size in [*cuts, len(everything)]:
+        piece = everything[pos : pos + size]
+        pos += len(piece)
+        out, seen = splitter.feed(piece)
+        kept += out
+        found += seen
+    assert kept == others and found == goaways
+
+
+def test_an_oversized_goaway_is_left_to_h2_to_refuse() -> None:
+    head = (rules.GoAwaySplitter.MAX_GOAWAY + 1).to_bytes(3, "big") + b"\x07\x00\x00\x00\x00\x00"
+    out, found = rules.GoAwaySplitter().feed(head + b"\x00" * 100)
+    assert out == head + b"\x00" * 100 and found == []

@@ -175,3 +175,59 @@ def grpc_timeout(headers: Headers) -> float | None:
         return None
     unit = _GRPC_UNITS.get(value[-1:])
     return None if unit is None else int(value[:-1]) * unit
+
+
+_GOAWAY = 0x7
+_FRAME_HEAD = 9
+
+
+class GoAwaySplitter:
+    """Takes GOAWAY frames out of a peer's byte stream before h2 sees them.
+
+    h2 closes its whole state machine on a received GOAWAY (python-hyper/h2#1181), so a
+    graceful one (NO_ERROR, "finish what you have", as gRPC servers send on
+    ``max_connection_age`` and at shutdown) would fail the stream in flight. The splitter
+    follows the frame boundaries (9-byte header, 24-bit length), passes every other byte
+    on for h2 as it comes, and hands back each GOAWAY as ``(last_stream_id, error_code)``.
+    A GOAWAY longer than ``MAX_GOAWAY`` goes to h2 like any frame, which refuses it as
+    oversized: nothing here buffers more than that.
+    """
+
+    MAX_GOAWAY = 16384  # SETTINGS_MAX_FRAME_SIZE's initial value, which h2 keeps
+
+    __slots__ = ("_pending", "_through")
+
+    def __init__(self) -> None:
+        self._pending = b""
+        self._through = 0  # bytes of the current frame still to pass on
+
+    def feed(self, data: bytes) -> tuple[bytes, list[tuple[int, int]]]:
+        buffer = self._pending + data if self._pending else data
+        keep = bytearray()
+        goaways: list[tuple[int, int]] = []
+        pos = 0
+        while pos < len(buffer):
+            if self._through:
+                taken = min(self._through, len(buffer) - pos)
+                keep += buffer[pos : pos + taken]
+                pos += taken
+                self._through -= taken
+                continue
+            if len(buffer) - pos < _FRAME_HEAD:
+                break
+            length = int.from_bytes(buffer[pos : pos + 3], "big")
+            if buffer[pos + 3] != _GOAWAY or length > self.MAX_GOAWAY:
+                self._through = _FRAME_HEAD + length
+                continue
+            end = pos + _FRAME_HEAD + length
+            if end > len(buffer):
+                break  # a GOAWAY still arriving: wait for all of it
+            body = buffer[pos + _FRAME_HEAD : end]
+            if len(body) >= 8:
+                last = int.from_bytes(body[:4], "big") & 0x7FFFFFFF
+                goaways.append((last, int.from_bytes(body[4:8], "big")))
+            else:
+                goaways.append((0, 1))  # malformed: the peer's PROTOCOL_ERROR
+            pos = end
+        self._pending = buffer[pos:]
+        return bytes(keep), goaways

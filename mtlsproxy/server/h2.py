@@ -656,8 +656,6 @@ class Http2Connection:
             elif isinstance(event, events.StreamReset):
                 backend.closed = True
                 raise BadGateway("backend reset the stream")
-            elif isinstance(event, events.ConnectionTerminated):
-                raise BadGateway("backend closed the connection")
 
     # ---- counting ------------------------------------------------------------------
 

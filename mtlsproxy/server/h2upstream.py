@@ -8,7 +8,9 @@ the client preface (prior knowledge for cleartext h2c; over TLS the route's cont
 offers ALPN h2 and the backend must select it).
 
 Only the task that relays the response reads from the backend; it hands on every event
-of its stream and keeps the connection-level ones (WINDOW_UPDATE, SETTINGS, GOAWAY).
+of its stream and keeps the connection-level ones (WINDOW_UPDATE, SETTINGS). GOAWAY
+frames never reach h2 (``relay.h2.GoAwaySplitter``): a graceful one lets the stream in
+flight finish, and the connection is not reused.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from h2.connection import H2Connection
 from h2.exceptions import ProtocolError
 
 from mtlsproxy.relay.errors import BadGateway, GatewayTimeout
+from mtlsproxy.relay.h2 import GoAwaySplitter
 from mtlsproxy.server.h2io import H2Side
 from mtlsproxy.server.upstream import Upstream
 
@@ -32,7 +35,7 @@ _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
 class H2Upstream:
     """The client side of one HTTP/2 backend connection."""
 
-    __slots__ = ("_events", "closed", "side", "stream_id")
+    __slots__ = ("_events", "_splitter", "closed", "side", "stream_id")
 
     def __init__(self, stream: trio.abc.Stream, write_timeout: float) -> None:
         config = H2Configuration(client_side=True, header_encoding=None)
@@ -40,6 +43,7 @@ class H2Upstream:
         conn.initiate_connection()  # the preface and our SETTINGS, sent with the first flush
         self.side = H2Side(conn, stream, write_timeout)
         self._events: deque[events.Event] = deque()
+        self._splitter = GoAwaySplitter()
         self.closed = False  # GOAWAY received, or the connection failed: never reused
         self.stream_id = 0
 
@@ -81,12 +85,24 @@ class H2Upstream:
             if not data:
                 self.closed = True
                 raise BadGateway("backend closed the connection")
+            data, goaways = self._splitter.feed(data)
+            for last, code in goaways:
+                self._goaway(last, code)
             try:
                 self._events.extend(self.side.conn.receive_data(data))
             except ProtocolError as exc:
                 self.closed = True
                 raise BadGateway("backend broke HTTP/2", log_detail=f"h2: {exc}") from exc
             await self.side.flush()  # the acknowledgements h2 queued (SETTINGS, PING)
+
+    def _goaway(self, last: int, code: int) -> None:
+        """The backend is closing: never reused; the stream in flight finishes when the
+        GOAWAY is graceful and covers it, else it failed (before any answer: 502)."""
+        self.closed = True
+        if code != 0 or last < self.stream_id:
+            raise BadGateway(
+                "backend closed the connection", log_detail=f"GOAWAY {code}, last stream {last}"
+            )
 
     def _keep(self, event: events.Event) -> bool:
         """Handle connection-level events here; True: the stream's caller needs it."""
@@ -96,9 +112,5 @@ class H2Upstream:
         if isinstance(event, events.RemoteSettingsChanged):
             self.side.window_opened(0)  # INITIAL_WINDOW_SIZE may have moved
             return False
-        if isinstance(event, events.ConnectionTerminated):
-            self.closed = True
-            last = event.last_stream_id
-            return last is None or last < self.stream_id or event.error_code != 0
         stream_id = getattr(event, "stream_id", None)
         return stream_id == self.stream_id
