@@ -437,3 +437,48 @@ async def test_a_graceful_goaway_from_an_h2_backend_lets_the_stream_finish(
         out = await env.curl("--http2", "-sS", env.url + "/x")
         assert out.returncode == 0 and out.stdout == b"answered", out.stderr
     assert len(connections) == 2  # the GOAWAY'd connection was not reused
+
+
+async def test_a_denied_stream_in_flight_is_cut_after_the_grace_as_over_http_1_1(
+    make_env: Any, creds: Path, nursery: Any
+) -> None:
+    arrived = trio.Event()
+
+    async def silent(stream: trio.SocketStream) -> None:
+        await read_request(stream)
+        arrived.set()
+        await trio.sleep_forever()  # a long poll that never answers
+
+    port = await serve_raw(nursery, silent)
+    tls = 'reload_interval = "200ms"\nenforce_interval = "200ms"\nenforce_grace = "1s"'
+    env = await rotatable(make_env, creds, tls=tls, routes=route([port]), backends=0)
+    client = await in_thread(H2Client, env)
+    try:
+        sid = await in_thread(client.start, "/poll")
+        with trio.fail_after(10):
+            await arrived.wait()
+        write_atomic(creds / "deny.txt", f"sha256:{sha256_of(env.client)}\n".encode())
+        denied_at = trio.current_time()
+        status, _ = await in_thread(client.response, sid)
+        assert status == 0 and client.closed  # no answer: cut, not finished
+        assert client.goaway is not None  # told first
+        assert trio.current_time() - denied_at < 1 + 0.2 + 0.2 + 2  # grace, poll, sweep, slack
+    finally:
+        client.close()
+
+
+async def test_a_large_download_flows_through_the_windows(make_env: Any) -> None:
+    env = await make_env()
+    size = 5 * 1024 * 1024 + 7  # far beyond every window: moved only by WINDOW_UPDATEs
+    out = await env.curl("--http2", "-sS", env.url + f"/bytes/{size}")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == b"x" * size
+
+
+async def test_rfc_9440_headers_are_forwarded_on_a_stream(make_env: Any) -> None:
+    env = await make_env(routes='[[listeners.routes]]\nbackends = ["127.0.0.1:{b0}"]\n'
+                         'identity_headers = ["client-cert"]')  # fmt: skip
+    out = await env.curl("--http2", "-sS", env.url + "/", "-H", "Client-Cert: :Zm9yZ2Vk:")
+    headers = decode(out.stdout)["headers"]
+    assert len(headers["client-cert"]) == 1 and headers["client-cert"][0] != ":Zm9yZ2Vk:"
+    assert "x-forwarded-client-cert" not in headers
