@@ -482,3 +482,45 @@ async def test_rfc_9440_headers_are_forwarded_on_a_stream(make_env: Any) -> None
     headers = decode(out.stdout)["headers"]
     assert len(headers["client-cert"]) == 1 and headers["client-cert"][0] != ":Zm9yZ2Vk:"
     assert "x-forwarded-client-cert" not in headers
+
+
+async def test_bodies_a_backend_never_read_do_not_shut_the_connection_window(
+    make_env: Any, nursery: Any, tmp_path: Path
+) -> None:
+    """A backend that answers before reading the body (a 401, a 413): the unread bytes
+    are given back to the client's windows, so the connection's next streams still flow."""
+
+    async def early(stream: trio.SocketStream) -> None:
+        with trio.move_on_after(5):
+            await read_request(stream)
+            await stream.send_all(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 2\r\n\r\nno")
+            await trio.sleep(1)  # reads nothing more, and keeps the connection open
+
+    port = await serve_raw(nursery, early)
+    env = await make_env(routes=route([port]), backends=0)
+    payload = tmp_path / "payload"
+    payload.write_bytes(b"p" * 200_000)
+    urls = [f"{env.url}/up/{i}" for i in range(10)]  # 2 MB: twice the connection window
+    out = await env.curl("--http2", "-sS", "--data-binary", f"@{payload}", "-w", " %{http_code}\n",
+                         *urls)  # fmt: skip
+    assert out.stdout.split() == [b"no", b"401"] * 10, out.stderr
+    found = parse_metrics((await env.admin("GET", "/metrics"))[1])
+    assert metric_sum(found, "mtlsproxy_http2_connections_total") == 1  # one connection
+
+
+async def test_a_body_over_the_limit_is_answered_413_once(make_env: Any, tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    env = await make_env(listener='max_body_size = "1KiB"', top=f'[log]\naccess = "{log}"')
+    proc = await trio.run_process(
+        ["curl", "--http2", "-sS", "--max-time", "20", "--cacert", str(env.ca_bundle),
+         "--cert", str(env.client.crt), "--key", str(env.client.key), "-T", "-",
+         "-X", "POST", "-o", "/dev/null", "-w", "%{http_code}", env.url + "/up"],
+        stdin=b"b" * 100_000, capture_stdout=True, capture_stderr=True, check=False,
+    )  # fmt: skip
+    assert proc.stdout == b"413", proc.stderr
+    with trio.fail_after(10):
+        while not (lines := log.read_text().splitlines()):
+            await trio.sleep(0.05)
+    await trio.sleep(0.2)  # a second line, if there were one, would be written by now
+    lines = log.read_text().splitlines()
+    assert [msgspec.json.decode(line)["status"] for line in lines] == [413]

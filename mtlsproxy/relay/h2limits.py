@@ -18,9 +18,13 @@ What ``h2`` bounds by itself, and what is left to this module:
   burst and a rate per second. A connection that empties one is abusive: it is closed
   with GOAWAY(ENHANCE_YOUR_CALM), its streams cancelled, their backend requests with them.
 
-Budgets count what a client *asks*: resets of its own streams (``resets``), streams it
-opens (``streams``: a rapid-reset client opens as fast as it resets), and control frames
-(``control``). No clock here: the caller passes trio's.
+Budgets count what a client *asks*: streams that end before their answer (``resets``:
+reset by the client, the rapid reset; or reset by h2 itself after a frame the client
+knew to be wrong, the "MadeYouReset" shape of CVE-2025-8671, which the server counts as
+it sees them), PING and SETTINGS (``pings``), and other control frames (``control``).
+Stream openings are not a budget: finished streams are legitimate load however fast
+they come, and ``MAX_STREAMS`` bounds the unfinished ones. No clock here: the caller
+passes trio's.
 """
 
 from __future__ import annotations
@@ -79,12 +83,10 @@ class AbuseGuard:
     def __init__(
         self,
         *,
-        streams: Budget | None = None,
         resets: Budget | None = None,
         control: Budget | None = None,
         pings: Budget | None = None,
     ) -> None:
-        self.streams = streams or Budget(burst=2 * MAX_STREAMS, rate=200)
         self.resets = resets or Budget(burst=MAX_STREAMS, rate=20)
         self.control = control or Budget(burst=1000, rate=500)
         # PING and SETTINGS each make us write a frame back: a tighter budget.
@@ -92,10 +94,7 @@ class AbuseGuard:
 
     def check(self, event: events.Event, now: float) -> None:
         """Count ``event``; raise Abuse when a budget is exhausted."""
-        if isinstance(event, events.RequestReceived):
-            if not self.streams.spend(now):
-                raise Abuse("streams opened too fast")
-        elif isinstance(event, events.StreamReset):
+        if isinstance(event, events.StreamReset):
             if event.remote_reset and not self.resets.spend(now):
                 raise Abuse("too many stream resets")
         elif isinstance(event, (events.PingReceived, events.RemoteSettingsChanged)):

@@ -86,8 +86,9 @@ class _Stream:
     """One admitted request stream."""
 
     __slots__ = (
-        "body", "bytes_in", "bytes_out", "ended", "ended_out", "head", "id", "incoming",
-        "limit", "responded", "route", "scope", "status", "target", "trailers", "upstream",
+        "body", "bytes_in", "bytes_out", "ended", "ended_out", "error", "head", "id",
+        "incoming", "limit", "responded", "route", "scope", "status", "target", "trailers",
+        "upstream",
     )  # fmt: skip
 
     def __init__(
@@ -102,6 +103,7 @@ class _Stream:
         # in count, bounded in bytes by the stream window we only reopen as we forward.
         self.body, self.incoming = trio.open_memory_channel[tuple[bytes, int] | None](math.inf)
         self.limit: BodyLimit | None = None
+        self.error: HttpError | None = None  # found by the reader (a body over the limit)
         self.trailers: Headers | None = None
         self.ended = False  # the client's END_STREAM came
         self.responded = False  # a response head went to the client
@@ -165,6 +167,7 @@ class Http2Connection:
         self._nursery: trio.Nursery | None = None
         self._reading = trio.CancelScope()
         self._goaway_sent = False
+        self._abusive = False  # a budget broken outside the reader (see _premature)
 
     # ---- the connection ------------------------------------------------------------
 
@@ -220,7 +223,14 @@ class Http2Connection:
                     return
                 await self.side.flush()
                 self._set_idle_clock()
-        if self._reading.cancelled_caught and not self._streams and not self._goaway_sent:
+        if self._abusive:
+            log.warning(
+                "client %s: HTTP/2 flood: too many stream resets: GOAWAY", self.session.peer
+            )
+            self._count_goaway("enhance_your_calm")
+            self._goaway(ErrorCodes.ENHANCE_YOUR_CALM)
+            await self._flush_last()
+        elif self._reading.cancelled_caught and not self._streams and not self._goaway_sent:
             self._count_goaway("idle")
             self._goaway(ErrorCodes.NO_ERROR)  # idle too long, or no request in time
             await self._flush_last()
@@ -350,12 +360,9 @@ class Http2Connection:
             st.limit.add(len(data))
         except HttpError as exc:
             st.ended = True
+            st.error = exc  # the stream's task answers it, or resets the stream
             self._acknowledge(event.stream_id, event.flow_controlled_length)
             st.scope.cancel()
-            if not st.responded:
-                self._refuse(st.id, exc, st.head, route=st.route)
-            else:
-                self._reset(st.id, ErrorCodes.CANCEL)
             return
         st.body.send_nowait((data, event.flow_controlled_length))
 
@@ -413,7 +420,10 @@ class Http2Connection:
                 error = exc
             except Gone as exc:
                 log.debug("client %s: stream %d: %s", self.session.peer, st.id, exc)
+                self._premature()  # closed under us: h2 reset it (a MadeYouReset shape)
         self._streams.pop(st.id, None)
+        self._release_unread(st)
+        error = st.error or error
         try:
             if error is not None and not st.responded:
                 self._refuse(st.id, error, st.head, route=st.route, started=started)
@@ -432,6 +442,22 @@ class Http2Connection:
             pass
         finally:
             self._set_idle_clock()
+
+    def _release_unread(self, st: _Stream) -> None:
+        """Body bytes nobody will forward: reopen the client's windows for them."""
+        while True:
+            try:
+                item = st.incoming.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                return
+            if item is not None:
+                self._acknowledge(st.id, item[1])
+
+    def _premature(self) -> None:
+        """A stream ended by a reset of h2's own: counted as a client reset."""
+        if not self.guard.resets.spend(trio.current_time()) and self._nursery is not None:
+            self._abusive = True
+            self._reading.cancel()
 
     def _forwarding_for(self, route: RouteRuntime) -> Headers:
         forwarding = self._forwarding.get(route.index)

@@ -85,7 +85,7 @@ class H2Upstream:
             if not data:
                 self.closed = True
                 raise BadGateway("backend closed the connection")
-            data, goaways = self._splitter.feed(data)
+            data, goaways = self._splitter.feed(bytes(data))
             for last, code in goaways:
                 self._goaway(last, code)
             try:
