@@ -524,3 +524,18 @@ async def test_a_body_over_the_limit_is_answered_413_once(make_env: Any, tmp_pat
     await trio.sleep(0.2)  # a second line, if there were one, would be written by now
     lines = log.read_text().splitlines()
     assert [msgspec.json.decode(line)["status"] for line in lines] == [413]
+
+
+async def test_a_connection_that_starts_during_a_drain_still_gets_its_request_answered(
+    make_env: Any,
+) -> None:
+    env = await make_env()
+    env.proxy.sessions.close_all("shutdown")  # every session from now on is asked to close
+    client = await in_thread(H2Client, env)
+    try:
+        status, _ = await in_thread(client.request, "/")
+        assert status == 200  # sent before the final GOAWAY: served
+        await in_thread(client.wait_closed)
+        assert client.goaway is not None and client.goaway.last_stream_id == 1
+    finally:
+        client.close()

@@ -32,9 +32,9 @@ stream waits for the backend ``read_timeout`` per read (longer when ``grpc-timeo
 asks for it), for request body bytes or a shut window ``idle_timeout``.
 
 Closing: a drain, a deny, an expiry or a CA removal (``Session.close``) sends GOAWAY at
-once with the last stream id taken; streams in flight finish (the enforcer's grace and
-the drain deadline bound them, as for HTTP/1.1), later ones are refused, and the
-connection closes when none is left.
+once (twice: RFC 9113's graceful shutdown, ``_watch_close``); streams in flight finish
+(the enforcer's grace and the drain deadline bound them, as for HTTP/1.1), later ones are
+refused, and the connection closes when none is left.
 """
 
 from __future__ import annotations
@@ -79,6 +79,7 @@ log = logging.getLogger("mtlsproxy.http2")
 RECEIVE_SIZE = 65536
 STREAM_WINDOW = 256 * 1024  # what a stream may send before we pass its bytes on
 CONNECTION_WINDOW = 1024 * 1024  # all streams together: the memory bound of a connection
+GOAWAY_RTT = 0.25  # between the two GOAWAYs of a graceful close: a round trip, and more
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
 
 
@@ -254,18 +255,27 @@ class Http2Connection:
 
     async def _watch_close(self) -> None:
         """``Session.close`` (a drain, a deny, an expiry, a CA removal) cancels this
-        scope: GOAWAY now, the streams in flight finish, the connection closes after."""
-        with trio.CancelScope() as idle:
-            self.session.idle_scope = idle
-            await trio.sleep_forever()
-        self.session.idle_scope = None
+        scope; so does a close asked before the connection started (its handshake ended
+        during a drain). Then RFC 9113's graceful shutdown: GOAWAY with the highest stream
+        id, so requests already on their way are still served; ``GOAWAY_RTT`` later, the
+        GOAWAY that names the last stream taken. Streams in flight finish, later ones are
+        refused, and the connection closes when none is left."""
+        if self.session.closing is None:
+            with trio.CancelScope() as idle:
+                self.session.idle_scope = idle
+                await trio.sleep_forever()
+            self.session.idle_scope = None
         if self._goaway_sent:
             return  # the connection is ending already
-        # Not h2's close_connection: after it, h2 lets no stream in flight answer.
-        self._goaway_sent = True
-        goaway = GoAwayFrame(0, last_stream_id=self.conn.highest_inbound_stream_id)
+        # Our own frames, not h2's close_connection: after it, h2 lets no stream answer.
         try:
-            await self.side.flush(then=goaway.serialize())
+            await self.side.flush(then=GoAwayFrame(0, last_stream_id=2**31 - 1).serialize())
+            await trio.sleep(GOAWAY_RTT)
+            if self._goaway_sent:
+                return
+            self._goaway_sent = True
+            last = GoAwayFrame(0, last_stream_id=self.conn.highest_inbound_stream_id)
+            await self.side.flush(then=last.serialize())
         except Gone:
             self._reading.cancel()
         self._set_idle_clock()
