@@ -10,8 +10,12 @@ Method (benchmarks/README.md says why):
   system time of every process of the system under test) over the measured window.
 - The floor (benchmarks/bare_relay.py: a bare mTLS relay on trio and mtlsproxy's own
   TLSStream, no product around it) runs as a third system in the full, resumed and
-  keep-alive scenarios, pinned and measured as mtlsproxy is: mtlsproxy/floor says how far
-  the proxy is from what its stack allows. `--no-floor` leaves it out.
+  keep-alive scenarios (not in h2: it speaks HTTP/1.1 only), pinned and measured as
+  mtlsproxy is: mtlsproxy/floor says how far the proxy is from what its stack allows.
+  `--no-floor` leaves it out.
+- HTTP/2 (the h2 and h2_p99 scenarios): nginx's second server block, the same settings with
+  `listen ... ssl http2`, against mtlsproxy's http listener, which offers h2 by default;
+  both relay to the same HTTP/1.1 backend.
 - Systems are interleaved (nginx, mtlsproxy, floor, nginx, mtlsproxy, floor, ...) for
   every scenario and round, so a noisy neighbour hits all alike. Reported: the median and
   min-max of each, the ratios to nginx (and mtlsproxy/floor) of every round and their
@@ -47,6 +51,7 @@ WSECHO = HERE / "loadgen" / "wsecho"
 SERVER_CORE, LOAD_CORE = "0", "1"
 BACKEND_PORT, NGINX_PORT, PROXY_PORT, PROXY2_PORT = 18080, 18443, 18444, 18445
 FLOOR_PORT = 18446
+NGINX_H2_PORT = 18447  # nginx's `listen ... ssl http2` server (mtlsproxy offers h2 on its port)
 FLOOR = "floor"  # the system name of benchmarks/bare_relay.py in results
 WS_BACKEND_PORT = 18082
 ADMIN_PORT, ADMIN2_PORT = 18901, 18902
@@ -62,6 +67,7 @@ class Scenario:
     args: tuple[str, ...]
     higher_is_better: bool = True
     floor: bool = False  # the bare relay runs it too (it relays plain requests, no more)
+    h2: bool = False  # against the systems' HTTP/2 ports (System.h2_port)
 
 
 SCENARIOS = (
@@ -77,6 +83,10 @@ SCENARIOS = (
              ("--mode", "keepalive", "--concurrency", "32"), floor=True),
     Scenario("keepalive_p99", "keep-alive request latency p99", "ms", "p99",
              ("--mode", "keepalive", "--concurrency", "32"), higher_is_better=False, floor=True),
+    Scenario("h2", "HTTP/2 requests/s (32 connections, one stream at a time)", "req/s", "rate",
+             ("--mode", "h2", "--concurrency", "32"), h2=True),
+    Scenario("h2_p99", "HTTP/2 request latency p99", "ms", "p99",
+             ("--mode", "h2", "--concurrency", "32"), higher_is_better=False, h2=True),
     Scenario("upload", "1 MiB upload throughput (4 connections)", "MiB/s", "mib_per_s",
              ("--mode", "upload", "--concurrency", "4", "--body-size", str(2**20), "--path", "/upload")),
     Scenario("websocket", "WebSocket messages/s (32 connections, 64-byte echo)", "msg/s", "rate",
@@ -91,6 +101,10 @@ class System:
     name: str
     port: int
     pids: list[int] = field(default_factory=list)
+    h2_port: int = 0  # where it speaks HTTP/2 (ALPN h2), if not on `port`
+
+    def port_for(self, scenario: Scenario) -> int:
+        return self.h2_port if scenario.h2 and self.h2_port else self.port
 
 
 @dataclass
@@ -214,6 +228,19 @@ http {{
     upstream backend {{ server 127.0.0.1:{backend}; keepalive 64; }}
     server {{
         listen 127.0.0.1:{port} ssl;
+{server}
+    }}
+    # The h2 scenario: the same server with HTTP/2 (ALPN h2, then http/1.1), as mtlsproxy's
+    # http listener offers by default.
+    server {{
+        listen 127.0.0.1:{h2_port} ssl http2;
+{server}
+    }}
+}}
+"""
+
+# The body of both of NGINX_MTLS's servers (formatted first, then put in as {server}).
+NGINX_SERVER = """
         ssl_certificate {server_crt};
         ssl_certificate_key {server_key};
         ssl_client_certificate {ca};
@@ -239,8 +266,6 @@ http {{
             proxy_set_header X-Forwarded-Client-Cert "Hash=$ssl_client_fingerprint;Subject=\\"$ssl_client_s_dn\\"";
             proxy_read_timeout 60s;
         }}
-    }}
-}}
 """
 
 PROXY_CONFIG = """
@@ -290,10 +315,13 @@ def running(
             _spawn(LOAD_CORE, ["nginx", "-c", str(work / "backend.conf"), "-g", "daemon off;"])
         )
         procs.append(_spawn(LOAD_CORE, [str(WSECHO), str(WS_BACKEND_PORT)]))
-        (work / "nginx.conf").write_text(NGINX_MTLS.format(port=NGINX_PORT, **fill))
+        server = NGINX_SERVER.format(**fill).strip("\n")
+        (work / "nginx.conf").write_text(
+            NGINX_MTLS.format(port=NGINX_PORT, h2_port=NGINX_H2_PORT, server=server, **fill)
+        )
         nginx = _spawn(SERVER_CORE, ["nginx", "-c", str(work / "nginx.conf"), "-g", "daemon off;"])
         procs.append(nginx)
-        systems = [System("nginx", NGINX_PORT, [nginx.pid])]
+        systems = [System("nginx", NGINX_PORT, [nginx.pid], h2_port=NGINX_H2_PORT)]
         variants = [("mtlsproxy", PROXY_PORT, ADMIN_PORT, 1)]
         if workers2:
             variants.append(("mtlsproxy-2w", PROXY2_PORT, ADMIN2_PORT, 2))
@@ -315,6 +343,7 @@ def running(
             systems.append(System(FLOOR, FLOOR_PORT, [proc.pid]))
         for system in systems:
             _wait_port(system.port)
+        _wait_port(NGINX_H2_PORT)
         _wait_port(BACKEND_PORT)
         _wait_port(WS_BACKEND_PORT)
         yield systems
@@ -364,11 +393,15 @@ def cpu_ticks(pid: int) -> int:
 
 
 def loadgen(
-    system: System, certs: dict[str, Path], args: tuple[str, ...], duration: float
+    system: System,
+    certs: dict[str, Path],
+    args: tuple[str, ...],
+    duration: float,
+    port: int | None = None,
 ) -> dict[str, object]:
     command = [
         "taskset", "-c", LOAD_CORE, str(LOADGEN),
-        "--connect", f"127.0.0.1:{system.port}", "--sni", "localhost",
+        "--connect", f"127.0.0.1:{port or system.port}", "--sni", "localhost",
         "--ca", str(certs["ca"]), "--cert", str(certs["client_crt"]), "--key", str(certs["client_key"]),
         "--duration", str(duration), "--warmup", "1", *args,
     ]  # fmt: skip
@@ -393,7 +426,9 @@ def measure(systems: list[System], certs: dict[str, Path], args: argparse.Namesp
                 key = (scenario.args, system.name, round_)
                 if key not in done_args:  # p50 and p99 rows share one loadgen run
                     before = sum(cpu_ticks(p) for p in system.pids)
-                    result = loadgen(system, certs, scenario.args, args.duration)
+                    result = loadgen(
+                        system, certs, scenario.args, args.duration, system.port_for(scenario)
+                    )
                     after = sum(cpu_ticks(p) for p in system.pids)
                     done_args[key] = (result, (after - before) / TICKS)
                 result, server_cpu = done_args[key]

@@ -1,5 +1,5 @@
 /*
- * loadgen: an HTTP/1.1-over-mutual-TLS load generator for benchmarking mtlsproxy against nginx.
+ * loadgen: an HTTP/1.1- and HTTP/2-over-mutual-TLS load generator for benchmarking mtlsproxy against nginx.
  *
  * One thread, one epoll loop (edge-triggered, each socket registered once for IN|OUT), non-blocking
  * sockets driven by non-blocking OpenSSL state machines, one shared SSL_CTX. Every connection is a
@@ -13,6 +13,8 @@
  *   upload     keep-alive connections each POSTing --body-size bytes
  *   websocket  --concurrency connections, each upgraded once (GET --path, expects 101), then one op
  *              = one masked text frame of WS_PAYLOAD bytes and its echo back (unmasked, same length)
+ *   h2         --concurrency persistent HTTP/2 connections (ALPN "h2" only), one GET stream at a time
+ *              on each: one op = one request until its stream ends
  *
  * Output: one JSON object on stdout. Build: cc -O2 -Wall -Wextra -o loadgen loadgen.c -lssl -lcrypto
  */
@@ -40,10 +42,10 @@
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
 
-enum { M_FULL, M_RESUMED, M_KEEPALIVE, M_LATENCY, M_UPLOAD, M_WEBSOCKET, M_COUNT };
-static const char *const MODE_NAMES[] = {"full", "resumed", "keepalive", "latency", "upload", "websocket"};
+enum { M_FULL, M_RESUMED, M_KEEPALIVE, M_LATENCY, M_UPLOAD, M_WEBSOCKET, M_H2, M_COUNT };
+static const char *const MODE_NAMES[] = {"full", "resumed", "keepalive", "latency", "upload", "websocket", "h2"};
 
-enum { S_FREE, S_BACKOFF, S_HANDSHAKE, S_WRITE, S_READ, S_DRAIN };
+enum { S_FREE, S_BACKOFF, S_HANDSHAKE, S_WRITE, S_READ, S_DRAIN, S_H2 };
 
 enum {
     P_HEAD, P_CL, P_CHUNK_SIZE, P_CHUNK_EXT, P_CHUNK_DATA, P_CHUNK_CRLF,
@@ -58,6 +60,8 @@ enum {
 #define MAX_REASONS 5
 #define WS_PAYLOAD 64 /* WebSocket mode: bytes of text per message */
 #define CALL_BYTES (256 * 1024) /* fairness: a connection yields after this much I/O or one op */
+
+typedef struct h2 h2_t;
 
 typedef struct {
     int fd;
@@ -79,6 +83,7 @@ typedef struct {
     int pstate, status, chunked, conn_close, ndig, eof;
     uint64_t remaining;
     size_t hlen;
+    h2_t *h2; /* h2 mode: the connection's HTTP/2 state */
     char head[HEAD_MAX];
 } conn_t;
 
@@ -464,6 +469,567 @@ static ssize_t parse(conn_t *c, const char *p, size_t n, const char **perr) {
     return (ssize_t)i;
 }
 
+/* ---- HTTP/2 (mode h2) ----------------------------------------------------------------------------
+ *
+ * The client side of HTTP/2 that one stream at a time needs, and no more: the preface and an empty
+ * SETTINGS, ACKs of the server's SETTINGS and PINGs, WINDOW_UPDATEs that give received DATA back to
+ * the connection's and the stream's windows (once half of a window is used, so they never shut), and
+ * an HPACK decoder. Requests are literals without indexing and without Huffman, so our encoder has no
+ * state. The decoder has to read every response header block whole (static and dynamic table,
+ * Huffman), because a server may add entries to the dynamic table in any of them (nginx does for
+ * server, date, content-type and content-length) and index them later; of the fields it keeps only
+ * :status. A PUSH_PROMISE, a RST_STREAM of the stream in flight or a GOAWAY ends the connection (an
+ * error; the slot reconnects at the next tick). Stream ids 1, 3, 5, ...; the connection is closed
+ * cleanly (GOAWAY, close_notify) before they run out.
+ */
+
+#define H2_FRAME_MAX 16384 /* SETTINGS_MAX_FRAME_SIZE: we keep the default */
+#define H2_BLOCK_MAX 65536 /* a response header block (HEADERS + CONTINUATION), at most */
+#define H2_ACK_AT 32768    /* WINDOW_UPDATE once half of the default window (65535) is used */
+#define H2_LAST_SID 0x7ffffff0u
+#define HPACK_TABLE 4096  /* SETTINGS_HEADER_TABLE_SIZE: we keep the default */
+#define HPACK_ENTRIES 128 /* HPACK_TABLE / 32: the most entries a table of that size can hold */
+
+enum { F_DATA, F_HEADERS, F_PRIORITY, F_RST_STREAM, F_SETTINGS, F_PUSH_PROMISE, F_PING, F_GOAWAY,
+       F_WINDOW_UPDATE, F_CONTINUATION };
+#define FL_END_STREAM 0x1
+#define FL_ACK 0x1
+#define FL_END_HEADERS 0x4
+#define FL_PADDED 0x8
+#define FL_PRIORITY 0x20
+
+static const char H2_PREFACE[24] = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+typedef struct {
+    uint32_t size;  /* name + value + 32 (RFC 7541, 4.1) */
+    uint32_t nlen;  /* the name's length */
+    int status;     /* -1: the name is not :status; else its value as a number (0: not 3 digits) */
+} hent_t;
+
+struct h2 {
+    /* the frame being read */
+    uint8_t fh[9];
+    size_t fhn;
+    uint32_t flen, fgot, fsid;
+    uint8_t ftype, fflags;
+    uint8_t pl[H2_FRAME_MAX]; /* its payload (not kept for DATA, which is only counted) */
+    /* the header block being read: HEADERS, then CONTINUATION until END_HEADERS */
+    uint8_t *hb;
+    size_t hbn;
+    int in_block, block_end_stream;
+    /* the connection */
+    int got_settings;   /* the server's preface (its SETTINGS) came */
+    int closing;        /* our GOAWAY is queued: close_notify once the output is written */
+    uint32_t conn_used; /* DATA bytes not yet given back to the connection's window */
+    /* the stream in flight */
+    uint32_t sid, stream_used;
+    int open, final, status;
+    /* the HPACK dynamic table: a ring of n entries, the oldest at `first` */
+    hent_t ent[HPACK_ENTRIES];
+    unsigned first, n;
+    uint32_t dsize, dmax;
+    /* output not yet written */
+    uint8_t *out;
+    size_t ocap, olen, opos, otry; /* otry: the length of an SSL_write to retry, 0 if none */
+};
+
+/* RFC 7541 Appendix A: the static table's names; :status at 8-14 with these values */
+static const char *const HPACK_STATIC[61] = {
+    ":authority", ":method", ":method", ":path", ":path", ":scheme", ":scheme", ":status", ":status",
+    ":status", ":status", ":status", ":status", ":status", "accept-charset", "accept-encoding",
+    "accept-language", "accept-ranges", "accept", "access-control-allow-origin", "age", "allow",
+    "authorization", "cache-control", "content-disposition", "content-encoding", "content-language",
+    "content-length", "content-location", "content-range", "content-type", "cookie", "date", "etag",
+    "expect", "expires", "from", "host", "if-match", "if-modified-since", "if-none-match", "if-range",
+    "if-unmodified-since", "last-modified", "link", "location", "max-forwards", "proxy-authenticate",
+    "proxy-authorization", "range", "referer", "refresh", "retry-after", "server", "set-cookie",
+    "strict-transport-security", "transfer-encoding", "user-agent", "vary", "via", "www-authenticate"};
+static const int HPACK_STATIC_STATUS[7] = {200, 204, 206, 304, 400, 404, 500};
+
+/* RFC 7541 Appendix B. The code is canonical: codes of one length are consecutive and, length by
+ * length, follow on from the shorter ones. So the number of codes of each length (1..30) and the
+ * symbols in code order (256 is EOS) are the whole table. */
+static const uint8_t HUFF_COUNT[31] = {0, 0, 0, 0, 0, 10, 26, 32, 6, 0, 5, 3, 2, 6, 2, 3,
+                                       0, 0, 0, 3, 8, 13, 26, 29, 12, 4, 15, 19, 29, 0, 4};
+static const uint16_t HUFF_SYM[257] = {
+    48, 49, 50, 97, 99, 101, 105, 111, 115, 116, 32, 37, 45, 46, 47, 51, 52, 53, 54, 55, 56, 57, 61,
+    65, 95, 98, 100, 102, 103, 104, 108, 109, 110, 112, 114, 117, 58, 66, 67, 68, 69, 70, 71, 72, 73,
+    74, 75, 76, 77, 78, 79, 80, 81, 82, 83, 84, 85, 86, 87, 89, 106, 107, 113, 118, 119, 120, 121, 122,
+    38, 42, 44, 59, 88, 90, 33, 34, 40, 41, 63, 39, 43, 124, 35, 62, 0, 36, 64, 91, 93, 126, 94, 125,
+    60, 96, 123, 92, 195, 208, 128, 130, 131, 162, 184, 194, 224, 226, 153, 161, 167, 172, 176, 177,
+    179, 209, 216, 217, 227, 229, 230, 129, 132, 133, 134, 136, 146, 154, 156, 160, 163, 164, 169,
+    170, 173, 178, 181, 185, 186, 187, 189, 190, 196, 198, 228, 232, 233, 1, 135, 137, 138, 139, 140,
+    141, 143, 147, 149, 150, 151, 152, 155, 157, 158, 165, 166, 168, 174, 175, 180, 182, 183, 188, 191,
+    197, 231, 239, 9, 142, 144, 145, 148, 159, 171, 206, 215, 225, 236, 237, 199, 207, 234, 235, 192,
+    193, 200, 201, 202, 205, 210, 213, 218, 219, 238, 240, 242, 243, 255, 203, 204, 211, 212, 214, 221,
+    222, 223, 241, 244, 245, 246, 247, 248, 250, 251, 252, 253, 254, 2, 3, 4, 5, 6, 7, 8, 11, 12, 14,
+    15, 16, 17, 18, 19, 20, 21, 23, 24, 25, 26, 27, 28, 29, 30, 31, 127, 220, 249, 10, 13, 22, 256};
+static uint32_t huff_first[31]; /* the first code of each length */
+static uint16_t huff_off[31];   /* where that length's symbols start in HUFF_SYM */
+
+static void huff_init(void) {
+    uint32_t code = 0;
+    uint16_t off = 0;
+    for (int len = 1; len <= 30; len++) {
+        huff_first[len] = code;
+        huff_off[len] = off;
+        code = (code + HUFF_COUNT[len]) << 1;
+        off = (uint16_t)(off + HUFF_COUNT[len]);
+    }
+}
+
+/* decode n Huffman-coded bytes: the decoded length in *len, the first `cap` bytes in out */
+static int huff_decode(const uint8_t *p, size_t n, uint8_t *out, size_t cap, size_t *len) {
+    uint32_t code = 0;
+    int bits = 0;
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++) {
+        for (int b = 7; b >= 0; b--) {
+            code = code << 1 | ((p[i] >> b) & 1u);
+            bits++;
+            if (code - huff_first[bits] < HUFF_COUNT[bits]) {
+                unsigned sym = HUFF_SYM[huff_off[bits] + code - huff_first[bits]];
+                if (sym == 256) return -1; /* EOS inside a string */
+                if (k < cap) out[k] = (uint8_t)sym;
+                k++;
+                code = 0;
+                bits = 0;
+            } else if (bits == 30) {
+                return -1;
+            }
+        }
+    }
+    if (bits > 7 || code != (1u << bits) - 1) return -1; /* padding: under 8 bits of EOS (ones) */
+    *len = k;
+    return 0;
+}
+
+/* an HPACK integer with an N-bit prefix (RFC 7541, 5.1) */
+static int hp_int(const uint8_t **pp, const uint8_t *end, int prefix, uint32_t *v) {
+    const uint8_t *p = *pp;
+    if (p >= end) return -1;
+    uint32_t max = (1u << prefix) - 1, x = *p++ & max;
+    if (x == max) {
+        int shift = 0;
+        uint8_t b;
+        do {
+            if (p >= end || shift > 21) return -1;
+            b = *p++;
+            x += (uint32_t)(b & 0x7f) << shift;
+            shift += 7;
+        } while (b & 0x80);
+    }
+    *pp = p;
+    *v = x;
+    return 0;
+}
+
+/* an HPACK string (RFC 7541, 5.2): its decoded length in *len and its first `cap` bytes in out; with
+ * need == 0 it is only skipped (*len is then not set) */
+static int hp_string(const uint8_t **pp, const uint8_t *end, uint8_t *out, size_t cap, size_t *len,
+                     int need) {
+    const uint8_t *p = *pp;
+    if (p >= end) return -1;
+    int huffman = *p & 0x80;
+    uint32_t n;
+    if (hp_int(&p, end, 7, &n) < 0 || n > (size_t)(end - p)) return -1;
+    if (need) {
+        if (huffman) {
+            if (huff_decode(p, n, out, cap, len) < 0) return -1;
+        } else {
+            memcpy(out, p, n < cap ? n : cap);
+            *len = n;
+        }
+    }
+    *pp = p + n;
+    return 0;
+}
+
+/* table entry idx (1-based, static then dynamic): its :status value (or -1) and name length */
+static int hp_entry(const h2_t *h, uint32_t idx, int *status, uint32_t *nlen) {
+    if (idx >= 1 && idx <= 61) {
+        *status = idx >= 8 && idx <= 14 ? HPACK_STATIC_STATUS[idx - 8] : -1;
+        *nlen = (uint32_t)strlen(HPACK_STATIC[idx - 1]);
+        return 0;
+    }
+    if (idx < 62 || idx - 62 >= h->n) return -1;
+    const hent_t *e = &h->ent[(h->first + h->n - 1 - (idx - 62)) % HPACK_ENTRIES];
+    *status = e->status;
+    *nlen = e->nlen;
+    return 0;
+}
+
+static void hp_evict(h2_t *h, uint32_t room) {
+    while (h->n && h->dsize + room > h->dmax) {
+        h->dsize -= h->ent[h->first].size;
+        h->first = (h->first + 1) % HPACK_ENTRIES;
+        h->n--;
+    }
+}
+
+static void hp_insert(h2_t *h, uint32_t nlen, uint32_t vlen, int status) {
+    uint32_t size = nlen + vlen + 32;
+    if (size > h->dmax) { /* larger than the table: it empties the table (RFC 7541, 4.4) */
+        h->n = 0;
+        h->dsize = 0;
+        return;
+    }
+    hp_evict(h, size);
+    hent_t *e = &h->ent[(h->first + h->n) % HPACK_ENTRIES];
+    e->size = size;
+    e->nlen = nlen;
+    e->status = status;
+    h->n++;
+    h->dsize += size;
+}
+
+static int status_of(const uint8_t *v, size_t len) {
+    if (len != 3) return 0;
+    for (int i = 0; i < 3; i++)
+        if (v[i] < '0' || v[i] > '9') return 0;
+    return (v[0] - '0') * 100 + (v[1] - '0') * 10 + (v[2] - '0');
+}
+
+/* decode a whole response header block; *status: its :status, 0 if it has none */
+static int hp_block(h2_t *h, const uint8_t *p, size_t n, int *status, const char **perr) {
+    const uint8_t *end = p + n;
+    int first = 1; /* table size updates come only at the start of a block */
+    *status = 0;
+    *perr = "malformed HPACK header block";
+    while (p < end) {
+        uint8_t b = *p;
+        uint32_t idx, nlen;
+        int st;
+        if ((b & 0xe0) == 0x20) { /* dynamic table size update */
+            uint32_t size;
+            if (!first || hp_int(&p, end, 5, &size) < 0 || size > HPACK_TABLE) return -1;
+            h->dmax = size;
+            hp_evict(h, 0);
+            continue;
+        }
+        first = 0;
+        if (b & 0x80) { /* indexed field */
+            if (hp_int(&p, end, 7, &idx) < 0) return -1;
+            if (hp_entry(h, idx, &st, &nlen) < 0) {
+                *perr = "HPACK index not in the table";
+                return -1;
+            }
+        } else { /* a literal, with incremental indexing (01), without (0000) or never indexed (0001) */
+            int indexing = (b & 0xc0) == 0x40;
+            if (hp_int(&p, end, indexing ? 6 : 4, &idx) < 0) return -1;
+            if (idx == 0) { /* a new name */
+                uint8_t name[8];
+                size_t len;
+                if (hp_string(&p, end, name, sizeof name, &len, 1) < 0) return -1;
+                nlen = (uint32_t)len;
+                st = len == 7 && memcmp(name, ":status", 7) == 0 ? 0 : -1;
+            } else if (hp_entry(h, idx, &st, &nlen) < 0) {
+                *perr = "HPACK index not in the table";
+                return -1;
+            }
+            int is_status = st >= 0;
+            uint8_t value[4];
+            size_t vlen = 0;
+            if (hp_string(&p, end, value, sizeof value, &vlen, indexing || is_status) < 0) return -1;
+            if (is_status) st = status_of(value, vlen);
+            if (indexing) hp_insert(h, nlen, (uint32_t)vlen, st);
+        }
+        if (st >= 0) { /* a :status field */
+            if (st == 0 || *status) {
+                *perr = st ? "two :status fields" : "malformed :status";
+                return -1;
+            }
+            *status = st;
+        }
+    }
+    return 0;
+}
+
+static int h2_out(h2_t *h, const void *p, size_t n) {
+    if (h->olen + n > h->ocap && h->opos) { /* the contents stay: SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER */
+        memmove(h->out, h->out + h->opos, h->olen - h->opos);
+        h->olen -= h->opos;
+        h->opos = 0;
+    }
+    if (h->olen + n > h->ocap) return -1;
+    if (n) memcpy(h->out + h->olen, p, n);
+    h->olen += n;
+    return 0;
+}
+
+static int h2_frame(h2_t *h, int type, int flags, uint32_t sid, const void *payload, size_t len) {
+    uint8_t fh[9] = {(uint8_t)(len >> 16), (uint8_t)(len >> 8), (uint8_t)len, (uint8_t)type,
+                     (uint8_t)flags, (uint8_t)((sid >> 24) & 0x7f), (uint8_t)(sid >> 16),
+                     (uint8_t)(sid >> 8), (uint8_t)sid};
+    return h2_out(h, fh, 9) < 0 || h2_out(h, payload, len) < 0 ? -1 : 0;
+}
+
+static int h2_u32_frame(h2_t *h, int type, uint32_t sid, uint32_t a, uint32_t b, size_t len) {
+    uint8_t p[8] = {(uint8_t)(a >> 24), (uint8_t)(a >> 16), (uint8_t)(a >> 8), (uint8_t)a,
+                    (uint8_t)(b >> 24), (uint8_t)(b >> 16), (uint8_t)(b >> 8), (uint8_t)b};
+    return h2_frame(h, type, 0, sid, p, len);
+}
+
+/* queue the next request: a new stream, HEADERS with END_STREAM | END_HEADERS */
+static int h2_request(conn_t *c, uint64_t t) {
+    h2_t *h = c->h2;
+    h->sid = h->sid ? h->sid + 2 : 1;
+    h->open = 1;
+    h->final = 0;
+    h->status = 0;
+    h->stream_used = 0;
+    c->t_req = t;
+    c->deadline = t + g_timeout_ns;
+    if (h2_frame(h, F_HEADERS, FL_END_STREAM | FL_END_HEADERS, h->sid, g_req, g_req_len) < 0) {
+        fail(c, "HTTP/2 output backlog full", 0, 0);
+        return -1;
+    }
+    return 0;
+}
+
+/* after the handshake: check ALPN, then the preface, an empty SETTINGS and the first request */
+static int h2_start(conn_t *c, uint64_t t) {
+    const unsigned char *alpn = NULL;
+    unsigned alen = 0;
+    SSL_get0_alpn_selected(c->ssl, &alpn, &alen);
+    if (alen != 2 || memcmp(alpn, "h2", 2) != 0) {
+        fprintf(stderr, "loadgen: the server did not select h2 in ALPN (%s%.*s%s); --mode h2 needs it\n",
+                alen ? "it selected \"" : "no ALPN protocol selected", (int)alen, alen ? (const char *)alpn : "",
+                alen ? "\"" : "");
+        exit(1);
+    }
+    h2_t *h = c->h2;
+    uint8_t *hb = h->hb, *out = h->out;
+    size_t ocap = h->ocap;
+    memset(h, 0, sizeof *h);
+    h->hb = hb;
+    h->out = out;
+    h->ocap = ocap;
+    h->dmax = HPACK_TABLE;
+    c->state = S_H2;
+    if (h2_out(h, H2_PREFACE, sizeof H2_PREFACE) < 0 || h2_frame(h, F_SETTINGS, 0, 0, NULL, 0) < 0) {
+        fail(c, "HTTP/2 output backlog full", 0, 0);
+        return -1;
+    }
+    return h2_request(c, t);
+}
+
+static int op_done(conn_t *c);
+
+/* the stream in flight ended; 1: the connection is gone (op_done failed it) */
+static int h2_stream_end(conn_t *c) {
+    c->h2->open = 0;
+    c->status = c->h2->status;
+    if (!op_done(c)) return 1;
+    c->done_in_call++;
+    return 0;
+}
+
+static int h2_block_done(conn_t *c, const char **perr) {
+    h2_t *h = c->h2;
+    int status;
+    h->in_block = 0;
+    if (hp_block(h, h->hb, h->hbn, &status, perr) < 0) return -1;
+    if (!h->final) {
+        if (status == 0) {
+            *perr = "response HEADERS without :status";
+            return -1;
+        }
+        if (status < 200) { /* interim (1xx): the response head follows */
+            if (h->block_end_stream) {
+                *perr = "an interim response ended the stream";
+                return -1;
+            }
+            return 0;
+        }
+        h->final = 1;
+        h->status = status;
+    } /* else trailers: decoded for the table only */
+    return h->block_end_stream ? h2_stream_end(c) : 0;
+}
+
+static int h2_append_block(h2_t *h, const uint8_t *p, size_t n, const char **perr) {
+    if (h->hbn + n > H2_BLOCK_MAX) {
+        *perr = "response header block too large";
+        return -1;
+    }
+    memcpy(h->hb + h->hbn, p, n);
+    h->hbn += n;
+    return 0;
+}
+
+/* a whole frame was read; 0: go on, -1: an error (*perr), 1: the connection is gone */
+static int h2_on_frame(conn_t *c, const char **perr) {
+    static char reason[160];
+    h2_t *h = c->h2;
+    const uint8_t *pl = h->pl;
+    uint32_t len = h->flen, sid = h->fsid;
+    uint8_t fl = h->fflags;
+    *perr = "malformed HTTP/2 frame";
+    if (!h->got_settings && (h->ftype != F_SETTINGS || (fl & FL_ACK))) {
+        *perr = "the server's first frame is not SETTINGS";
+        return -1;
+    }
+    if (h->in_block && h->ftype != F_CONTINUATION) {
+        *perr = "a frame inside a header block";
+        return -1;
+    }
+    switch (h->ftype) {
+    case F_DATA:
+        if (sid == 0) return -1;
+        h->conn_used += len;
+        if (h->conn_used >= H2_ACK_AT) {
+            if (h2_u32_frame(h, F_WINDOW_UPDATE, 0, h->conn_used, 0, 4) < 0) goto full;
+            h->conn_used = 0;
+        }
+        if (sid != h->sid || !h->open) return 0; /* a stream that ended: only the connection counts */
+        if (!h->final) {
+            *perr = "DATA before the response head";
+            return -1;
+        }
+        if (fl & FL_END_STREAM) return h2_stream_end(c);
+        h->stream_used += len;
+        if (h->stream_used >= H2_ACK_AT) {
+            if (h2_u32_frame(h, F_WINDOW_UPDATE, sid, h->stream_used, 0, 4) < 0) goto full;
+            h->stream_used = 0;
+        }
+        return 0;
+    case F_HEADERS: {
+        size_t off = 0, end = len;
+        if (fl & FL_PADDED) {
+            if (len < 1 || pl[0] >= len) return -1;
+            end -= pl[0];
+            off = 1;
+        }
+        if (fl & FL_PRIORITY) off += 5;
+        if (off > end) return -1;
+        if (sid != h->sid || !h->open) {
+            *perr = "HEADERS on a stream that is not the one in flight";
+            return -1;
+        }
+        h->hbn = 0;
+        h->in_block = 1;
+        h->block_end_stream = fl & FL_END_STREAM;
+        if (h2_append_block(h, pl + off, end - off, perr) < 0) return -1;
+        return fl & FL_END_HEADERS ? h2_block_done(c, perr) : 0;
+    }
+    case F_CONTINUATION:
+        if (!h->in_block || sid != h->sid) {
+            *perr = "CONTINUATION without HEADERS";
+            return -1;
+        }
+        if (h2_append_block(h, pl, len, perr) < 0) return -1;
+        return fl & FL_END_HEADERS ? h2_block_done(c, perr) : 0;
+    case F_RST_STREAM:
+        if (len != 4 || sid == 0) return -1;
+        if (sid != h->sid || !h->open) return 0;
+        snprintf(reason, sizeof reason, "RST_STREAM from the server (error code 0x%x)",
+                 (unsigned)pl[0] << 24 | (unsigned)pl[1] << 16 | (unsigned)pl[2] << 8 | pl[3]);
+        fail(c, reason, 0, 0);
+        return 1;
+    case F_SETTINGS:
+        if (sid != 0) return -1;
+        if (fl & FL_ACK) return len ? -1 : 0;
+        if (len % 6) return -1;
+        h->got_settings = 1;
+        if (h2_frame(h, F_SETTINGS, FL_ACK, 0, NULL, 0) < 0) goto full;
+        return 0;
+    case F_PUSH_PROMISE:
+        *perr = "PUSH_PROMISE: loadgen does not take server push";
+        return -1;
+    case F_PING:
+        if (len != 8 || sid != 0) return -1;
+        if (!(fl & FL_ACK) && h2_frame(h, F_PING, FL_ACK, 0, pl, 8) < 0) goto full;
+        return 0;
+    case F_GOAWAY: {
+        if (len < 8 || sid != 0) return -1;
+        unsigned code = (unsigned)pl[4] << 24 | (unsigned)pl[5] << 16 | (unsigned)pl[6] << 8 | pl[7];
+        char debug[64];
+        size_t k = 0;
+        for (uint32_t i = 8; i < len && k < sizeof debug - 1; i++)
+            debug[k++] = pl[i] >= 0x20 && pl[i] < 0x7f ? (char)pl[i] : '?';
+        debug[k] = 0;
+        snprintf(reason, sizeof reason, "GOAWAY from the server (error code 0x%x%s%s)", code,
+                 k ? ": " : "", debug);
+        fail(c, reason, 0, 0);
+        return 1;
+    }
+    default: /* PRIORITY, WINDOW_UPDATE (we send no DATA), extension frames */
+        return 0;
+    }
+full:
+    *perr = "HTTP/2 output backlog full";
+    return -1;
+}
+
+/* received bytes to the frame reader; 0: go on, -1: an error (*perr), 1: the connection is gone */
+static int h2_feed(conn_t *c, const uint8_t *p, size_t n, const char **perr) {
+    h2_t *h = c->h2;
+    while (n) {
+        if (h->fhn < 9) {
+            size_t take = 9 - h->fhn < n ? 9 - h->fhn : n;
+            memcpy(h->fh + h->fhn, p, take);
+            h->fhn += take;
+            p += take;
+            n -= take;
+            if (h->fhn < 9) break;
+            const uint8_t *fh = h->fh;
+            h->flen = (uint32_t)fh[0] << 16 | (uint32_t)fh[1] << 8 | fh[2];
+            h->ftype = fh[3];
+            h->fflags = fh[4];
+            h->fsid = (uint32_t)(fh[5] & 0x7f) << 24 | (uint32_t)fh[6] << 16 | (uint32_t)fh[7] << 8 | fh[8];
+            h->fgot = 0;
+            if (h->flen > H2_FRAME_MAX) {
+                *perr = "a frame larger than SETTINGS_MAX_FRAME_SIZE";
+                return -1;
+            }
+        } else {
+            size_t take = h->flen - h->fgot < n ? h->flen - h->fgot : n;
+            if (h->ftype != F_DATA) memcpy(h->pl + h->fgot, p, take);
+            h->fgot += (uint32_t)take;
+            p += take;
+            n -= take;
+        }
+        if (h->fgot == h->flen) {
+            h->fhn = 0;
+            int r = h2_on_frame(c, perr);
+            if (r) return r;
+        }
+    }
+    return 0;
+}
+
+/* the request's header block: literals without indexing (indexed names), no Huffman */
+static size_t hp_put_string(uint8_t *p, const char *s) {
+    size_t n = strlen(s), k = 0;
+    if (n < 127) {
+        p[k++] = (uint8_t)n;
+    } else {
+        p[k++] = 127;
+        size_t rest = n - 127;
+        while (rest >= 128) {
+            p[k++] = (uint8_t)(0x80 | (rest & 0x7f));
+            rest >>= 7;
+        }
+        p[k++] = (uint8_t)rest;
+    }
+    memcpy(p + k, s, n);
+    return k + n;
+}
+
+static size_t h2_request_block(uint8_t *out, size_t cap) {
+    /* static table name indices: :method 2, :scheme 6, :path 4, :authority 1 */
+    const struct { uint8_t idx; const char *value; } fields[] = {
+        {2, "GET"}, {6, "https"}, {4, g_path}, {1, g_sni}};
+    size_t k = 0;
+    for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++) {
+        if (k + 1 + 6 + strlen(fields[i].value) > cap) return 0;
+        out[k++] = fields[i].idx; /* 0000 + a 4-bit name index: literal without indexing */
+        k += hp_put_string(out + k, fields[i].value);
+    }
+    return k;
+}
+
 /* the response is complete; returns 1 if the connection goes on with the next request */
 static int op_done(conn_t *c) {
     uint64_t t = now_ns();
@@ -501,6 +1067,19 @@ static int op_done(conn_t *c) {
         } else if (s) {
             SSL_SESSION_free(s);
         }
+    }
+    if (g_mode == M_H2) {
+        if (!g_stopping && c->h2->sid < H2_LAST_SID) {
+            c->op_open = 1;
+            return h2_request(c, t) == 0;
+        }
+        /* the window ended (or stream ids run out): GOAWAY, then close_notify once it is written */
+        if (h2_u32_frame(c->h2, F_GOAWAY, 0, 0, 0, 8) < 0) {
+            fail(c, "HTTP/2 output backlog full", 0, 0);
+            return 0;
+        }
+        c->h2->closing = 1;
+        return 1;
     }
     if ((g_mode == M_KEEPALIVE || g_mode == M_UPLOAD) && !c->conn_close && !g_stopping) {
         c->op_open = 1;
@@ -544,6 +1123,12 @@ static void drive(conn_t *c) {
             if (r != 1) {
                 int e = SSL_get_error(c->ssl, r);
                 if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) return;
+                if (g_mode == M_H2 && e == SSL_ERROR_SSL &&
+                    ERR_GET_REASON(ERR_peek_error()) == SSL_R_TLSV1_ALERT_NO_APPLICATION_PROTOCOL) {
+                    fprintf(stderr, "loadgen: the server refused ALPN h2 (alert no_application_protocol); "
+                                    "--mode h2 needs a server that selects h2\n");
+                    exit(1);
+                }
                 ssl_fail(c, r, "handshake");
                 return;
             }
@@ -553,7 +1138,9 @@ static void drive(conn_t *c) {
                 push(&r_hs, t - c->t_connect);
                 if (SSL_session_reused(c->ssl)) r_resumed++;
             }
-            if (g_mode == M_KEEPALIVE || g_mode == M_UPLOAD || g_mode == M_WEBSOCKET) {
+            if (g_mode == M_H2) {
+                if (h2_start(c, t) < 0) return; /* the op starts with its request, as keep-alive's */
+            } else if (g_mode == M_KEEPALIVE || g_mode == M_UPLOAD || g_mode == M_WEBSOCKET) {
                 begin_request(c, t); /* a keep-alive op starts with its request */
             } else {
                 uint64_t deadline = c->deadline; /* the op includes the connection */
@@ -659,6 +1246,54 @@ static void drive(conn_t *c) {
             }
             break;
         }
+        case S_H2: {
+            h2_t *h = c->h2;
+            if (h->opos < h->olen) { /* write what is queued before reading more */
+                size_t len = h->otry ? h->otry : h->olen - h->opos, w;
+                int r = SSL_write_ex(c->ssl, h->out + h->opos, len, &w);
+                if (r != 1) {
+                    int e = SSL_get_error(c->ssl, r);
+                    if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
+                        h->otry = len; /* retried with the same length */
+                        return;
+                    }
+                    ssl_fail(c, r, "write");
+                    return;
+                }
+                h->otry = 0;
+                h->opos += w;
+                if (h->opos == h->olen) h->opos = h->olen = 0;
+                c->io_in_call += w;
+                if (g_counting) r_sent += w;
+                break;
+            }
+            if (h->closing) { /* our GOAWAY is out: close_notify, then wait for the server's close */
+                SSL_shutdown(c->ssl);
+                ERR_clear_error();
+                c->state = S_DRAIN;
+                c->deadline = now_ns() + DRAIN_NS;
+                break;
+            }
+            size_t n;
+            int r = SSL_read_ex(c->ssl, g_rbuf, sizeof g_rbuf, &n);
+            if (r != 1) {
+                int e = SSL_get_error(c->ssl, r);
+                if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) return;
+                if (e == SSL_ERROR_ZERO_RETURN) {
+                    fail(c, "connection closed by the server", 0, 0);
+                    return;
+                }
+                ssl_fail(c, r, "read");
+                return;
+            }
+            if (g_counting) r_recv += n;
+            c->io_in_call += n;
+            const char *perr = "";
+            int f = h2_feed(c, (const uint8_t *)g_rbuf, n, &perr);
+            if (f < 0) fail(c, perr, 0, 0);
+            if (f) return;
+            break;
+        }
         case S_DRAIN: {
             size_t n;
             int r = SSL_read_ex(c->ssl, g_rbuf, sizeof g_rbuf, &n);
@@ -702,7 +1337,7 @@ static void usage(const char *msg) {
     if (msg) fprintf(stderr, "loadgen: %s\n", msg);
     fprintf(stderr,
             "usage: loadgen --connect HOST:PORT --ca CA.pem --cert CLIENT.pem --key CLIENT.key\n"
-            "               --mode full|resumed|keepalive|latency|upload|websocket [--sni localhost]\n"
+            "               --mode full|resumed|keepalive|latency|upload|websocket|h2 [--sni localhost]\n"
             "               [--concurrency 32] [--duration 5] [--warmup 1] [--rate 200]\n"
             "               [--path /] [--body-size 1048576] [--tls-max 1.3|1.2] [--tickets on|off]\n"
             "               [--timeout 10] [--close drain|fast]\n");
@@ -742,7 +1377,7 @@ static void parse_args(int argc, char **argv) {
         case 'm':
             for (int i = 0; i < M_COUNT; i++)
                 if (strcmp(optarg, MODE_NAMES[i]) == 0) g_mode = i;
-            if (g_mode < 0) usage("--mode must be full, resumed, keepalive, latency, upload or websocket");
+            if (g_mode < 0) usage("--mode must be full, resumed, keepalive, latency, upload, websocket or h2");
             break;
         case 'n':
             g_concurrency = (int)num_arg("concurrency", optarg, 1);
@@ -874,6 +1509,10 @@ static SSL_CTX *make_ctx(void) {
     SSL_CTX_set_read_ahead(ctx, 1); /* one recv per burst instead of two per record */
     SSL_CTX_set_options(ctx, SSL_OP_IGNORE_UNEXPECTED_EOF);
     if (!g_tickets) SSL_CTX_set_options(ctx, SSL_OP_NO_TICKET);
+    if (g_mode == M_H2 && SSL_CTX_set_alpn_protos(ctx, (const unsigned char *)"\x02h2", 3) != 0) {
+        fprintf(stderr, "loadgen: cannot set ALPN\n");
+        return NULL;
+    }
     SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF); /* sessions are kept per slot */
     return ctx;
 }
@@ -925,7 +1564,10 @@ int main(int argc, char **argv) {
                        g_path, g_sni, g_body_size);
     else if (g_mode == M_KEEPALIVE)
         len = snprintf(req, sizeof req, "GET %s HTTP/1.1\r\nHost: %s\r\n\r\n", g_path, g_sni);
-    else if (g_mode == M_WEBSOCKET)
+    else if (g_mode == M_H2) { /* the HEADERS frame's payload: an HPACK block (0: it did not fit) */
+        size_t block = h2_request_block((uint8_t *)req, sizeof req);
+        len = block ? (int)block : (int)sizeof req;
+    } else if (g_mode == M_WEBSOCKET)
         len = snprintf(req, sizeof req,
                        "GET %s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
@@ -962,6 +1604,23 @@ int main(int argc, char **argv) {
     if (g_epfd < 0 || !g_conns || !g_free || !g_runq || !g_runq_work) {
         perror("setup");
         return 1;
+    }
+    if (g_mode == M_H2) {
+        huff_init();
+        for (int i = 0; i < g_concurrency; i++) {
+            h2_t *h = calloc(1, sizeof *h);
+            if (!h || !(h->hb = malloc(H2_BLOCK_MAX))) {
+                perror("setup");
+                return 1;
+            }
+            /* preface, SETTINGS, a request, and room for control frames (ACKs, WINDOW_UPDATEs) */
+            h->ocap = sizeof H2_PREFACE + 9 + 9 + g_req_len + 1024;
+            if (!(h->out = malloc(h->ocap))) {
+                perror("setup");
+                return 1;
+            }
+            g_conns[i].h2 = h;
+        }
     }
     for (int i = g_concurrency - 1; i >= 0; i--) {
         g_conns[i].fd = -1;
