@@ -271,7 +271,7 @@ class Http2Connection:
         try:
             await self.side.flush(then=GoAwayFrame(0, last_stream_id=2**31 - 1).serialize())
             await trio.sleep(GOAWAY_RTT)
-            if self._goaway_sent:
+            if self._ending():  # meanwhile, another task ended the connection
                 return
             self._goaway_sent = True
             last = GoAwayFrame(0, last_stream_id=self.conn.highest_inbound_stream_id)
@@ -279,6 +279,9 @@ class Http2Connection:
         except Gone:
             self._reading.cancel()
         self._set_idle_clock()
+
+    def _ending(self) -> bool:
+        return self._goaway_sent
 
     def _goaway(self, code: ErrorCodes) -> None:
         """The last GOAWAY: nothing is sent on the connection after it."""
@@ -485,7 +488,9 @@ class Http2Connection:
             st.head, self.identity, self.client_ip, forwarding=self._forwarding_for(st.route)
         )
 
-    async def _respond(self, st: _Stream, status: int, headers: Headers, *, end: bool) -> None:
+    async def _respond(
+        self, st: _Stream, status: int, headers: Headers, *, end: bool, flush: bool = True
+    ) -> None:
         st.status = status
         st.responded = True
         st.ended_out = end
@@ -493,11 +498,14 @@ class Http2Connection:
             self.conn.send_headers(st.id, rules.client_headers(status, headers), end_stream=end)
         except StreamClosedError as exc:
             raise Gone("stream closed") from exc
-        await self.side.flush()
+        if flush:
+            await self.side.flush()
 
-    async def _to_client(self, st: _Stream, data: bytes) -> None:
+    async def _to_client(self, st: _Stream, data: bytes, *, flush: bool = True) -> None:
         st.bytes_out += len(data)
-        await self.side.send_data(st.id, data, window_timeout=self.listener.idle_timeout.seconds)
+        await self.side.send_data(
+            st.id, data, window_timeout=self.listener.idle_timeout.seconds, flush=flush
+        )
 
     async def _end(self, st: _Stream, trailers: Headers | None = None) -> None:
         st.ended_out = True
@@ -571,6 +579,11 @@ class Http2Connection:
                 await up.stream.send_all(request)
         except (trio.TooSlowError, *_STREAM_ERRORS) as exc:
             raise BadGateway("backend connection failed") from exc
+        if _bodiless(st):  # one direction only: no second task
+            st.incoming.receive_nowait()  # the None that ends it
+            sent = True
+            await self._relay_h1_response(st, up)
+            return True
         await _both(lambda: self._relay_h1_response(st, up), guarded_pump)
         if not sent:  # the backend answered before the whole body: not reusable
             up.reusable = False
@@ -583,9 +596,13 @@ class Http2Connection:
             reader.no_body_expected()
         timeout = self._read_timeout(st)
         head: ResponseHead | None = None
+        # What one read of the backend brought leaves in one write (a small response:
+        # head, body and end together); before waiting for more, it goes out.
         while True:
             event = reader.next_event()
             if event is NEED_DATA:
+                if head is not None:
+                    await self.side.flush()
                 await _read_backend(up, timeout, started=head is not None)
             elif isinstance(event, ResponseHead):
                 if event.status == 101:
@@ -596,9 +613,9 @@ class Http2Connection:
                     reader.start_next_cycle()
                     continue
                 head = event
-                await self._respond(st, event.status, event.headers, end=False)
+                await self._respond(st, event.status, event.headers, end=False, flush=False)
             elif isinstance(event, Body):
-                await self._to_client(st, bytes(event.data))
+                await self._to_client(st, bytes(event.data), flush=False)
             elif event is END:
                 assert head is not None
                 await self._end(st)
@@ -633,9 +650,9 @@ class Http2Connection:
         conn = backend.side.conn
         up_id = backend.start()
         headers = rules.upstream_h2_headers(st.head, st.target, self._upstream_headers(st))
-        no_body = st.ended and st.incoming.statistics().current_buffer_used <= 1
+        no_body = _bodiless(st)
         if no_body:
-            await st.incoming.receive()  # the None that ends it
+            st.incoming.receive_nowait()  # the None that ends it
         conn.send_headers(up_id, headers, end_stream=no_body)
         await backend.side.flush()
 
@@ -727,6 +744,11 @@ class Http2Connection:
             upstream=upstream,
             alpn="h2",
         )
+
+
+def _bodiless(st: _Stream) -> bool:
+    """The stream's request has no body: the client ended it and only the end is queued."""
+    return st.ended and st.incoming.statistics().current_buffer_used == 1
 
 
 async def _read_backend(up: Upstream, timeout: float, *, started: bool) -> None:

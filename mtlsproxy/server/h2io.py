@@ -35,15 +35,21 @@ class H2Side:
         """Write what h2 has queued (nothing: no write), and ``then`` after it: frames of
         our own that h2 must not know about (a GOAWAY after which streams in flight still
         send: h2's own ``close_connection`` would refuse them)."""
-        async with self._lock:
+        lock = self._lock
+        try:
+            lock.acquire_nowait()  # the usual case, without the checkpoint of acquire()
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
             data = self.conn.data_to_send() + then
             if not data:
                 return
-            try:
-                with trio.fail_after(self.write_timeout):
-                    await self.stream.send_all(data)
-            except (trio.TooSlowError, *_STREAM_ERRORS) as exc:
-                raise Gone(f"write failed: {exc or 'timed out'}") from exc
+            with trio.fail_after(self.write_timeout):
+                await self.stream.send_all(data)
+        except (trio.TooSlowError, *_STREAM_ERRORS) as exc:
+            raise Gone(f"write failed: {exc or 'timed out'}") from exc
+        finally:
+            lock.release()
 
     def window_opened(self, stream_id: int) -> None:
         """A WINDOW_UPDATE (or SETTINGS) arrived: wake what waits on it (0: every stream)."""
@@ -55,10 +61,18 @@ class H2Side:
             self._windows.pop(stream_id).set()
 
     async def send_data(
-        self, stream_id: int, data: bytes, *, window_timeout: float, end_stream: bool = False
+        self,
+        stream_id: int,
+        data: bytes,
+        *,
+        window_timeout: float,
+        end_stream: bool = False,
+        flush: bool = True,
     ) -> None:
         """Send ``data`` on the stream as the peer's windows allow; Gone when the stream
-        was reset or the windows stayed shut for ``window_timeout``."""
+        was reset or the windows stayed shut for ``window_timeout``. ``flush=False``:
+        leave what fits queued for the caller's next flush (a small response leaves in
+        one write); a shut window is waited for after a flush, whatever the caller said."""
         if not data and not end_stream:
             return
         conn = self.conn
@@ -73,10 +87,12 @@ class H2Side:
             except StreamClosedError as exc:
                 raise Gone("stream closed") from exc
             if room > 0 or not view:
-                await self.flush()
                 if not view:
+                    if flush:
+                        await self.flush()
                     return
                 continue
+            await self.flush()  # what is queued may be what the peer waits for
             event = self._windows.setdefault(stream_id, trio.Event())
             with trio.move_on_after(window_timeout) as waited:
                 await event.wait()
