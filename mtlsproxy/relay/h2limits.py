@@ -9,8 +9,10 @@ start (and the backend receive) a request the client never waits for (the "rapid
 of CVE-2023-44487), and WINDOW_UPDATE, PRIORITY and empty DATA frames cost a parse each.
 What ``h2`` bounds by itself, and what is left to this module:
 
-- concurrent streams: ``SETTINGS_MAX_CONCURRENT_STREAMS`` (``MAX_STREAMS``); h2 refuses a
-  stream over it with RST_STREAM(REFUSED_STREAM);
+- concurrent streams: ``SETTINGS_MAX_CONCURRENT_STREAMS`` (``MAX_STREAMS``); a stream over
+  it ends the connection (h2's TooManyStreamsError, GOAWAY(PROTOCOL_ERROR)): RFC 9113
+  §5.1.2 allows a stream error there, but a client that ignores the limit it was told is
+  not one to keep;
 - header blocks: at most 64 CONTINUATION frames of at most 16 KiB each before h2 ends the
   connection, and the decoded list at most ``SETTINGS_MAX_HEADER_LIST_SIZE`` (the
   listener's ``max_header_size``): an HPACK bomb stops at the limit, not in memory;
@@ -34,6 +36,7 @@ from dataclasses import dataclass
 from h2 import events
 
 MAX_STREAMS = 100  # nginx's http2_max_concurrent_streams, Envoy's guidance for the edge
+WINDOW_CREDIT = 1 << 16  # WINDOW_UPDATEs owed for DATA sent, at most (64 MiB of it)
 
 
 @dataclass(slots=True)
@@ -88,9 +91,17 @@ class AbuseGuard:
         pings: Budget | None = None,
     ) -> None:
         self.resets = resets or Budget(burst=MAX_STREAMS, rate=20)
+        # WINDOW_UPDATEs that answer DATA we sent are not work asked for: each KiB sent
+        # earns two (the stream's and the connection's; clients reopen windows per read,
+        # Go's every 4 KiB), up to WINDOW_CREDIT; beyond them they spend ``control``.
+        self.window_credit = 0
         self.control = control or Budget(burst=1000, rate=500)
         # PING and SETTINGS each make us write a frame back: a tighter budget.
         self.pings = pings or Budget(burst=50, rate=10)
+
+    def sent(self, nbytes: int) -> None:
+        """DATA of ``nbytes`` went to the client: credit for the WINDOW_UPDATEs it brings."""
+        self.window_credit = min(WINDOW_CREDIT, self.window_credit + 2 * (nbytes // 1024 + 1))
 
     def check(self, event: events.Event, now: float) -> None:
         """Count ``event``; raise Abuse when a budget is exhausted."""
@@ -100,6 +111,8 @@ class AbuseGuard:
         elif isinstance(event, (events.PingReceived, events.RemoteSettingsChanged)):
             if not self.pings.spend(now):
                 raise Abuse("too many PING or SETTINGS frames")
+        elif isinstance(event, events.WindowUpdated) and self.window_credit > 0:
+            self.window_credit -= 1
         elif isinstance(event, _CONTROL):
             if not self.control.spend(now):
                 raise Abuse("too many control frames")

@@ -50,7 +50,7 @@ from h2 import events
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
-from h2.exceptions import ProtocolError, StreamClosedError
+from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
 
@@ -219,6 +219,9 @@ class Http2Connection:
                 except Abuse as exc:
                     log.warning("client %s: %s: GOAWAY", self.session.peer, exc)
                     self._count_goaway("enhance_your_calm")
+                    # What h2 queued while it read the flood (an ACK for every PING and
+                    # SETTINGS of the read) is not sent: only the GOAWAY.
+                    self.conn.data_to_send()
                     self._goaway(ErrorCodes.ENHANCE_YOUR_CALM)
                     await self._flush_last()
                     return
@@ -381,11 +384,11 @@ class Http2Connection:
 
     def _acknowledge(self, stream_id: int, length: int) -> None:
         if length:
-            with suppress(StreamClosedError):
+            with suppress(ProtocolError):
                 self.conn.acknowledge_received_data(length, stream_id)
 
     def _reset(self, stream_id: int, code: ErrorCodes) -> None:
-        with suppress(StreamClosedError, ProtocolError):
+        with suppress(ProtocolError):
             self.conn.reset_stream(stream_id, code)
 
     def _refuse(
@@ -414,7 +417,7 @@ class Http2Connection:
             self.conn.send_headers(stream_id, headers, end_stream=not body)
             if body:
                 self.conn.send_data(stream_id, body, end_stream=True)
-        except (StreamClosedError, ProtocolError):
+        except ProtocolError:
             pass  # reset by the client meanwhile
         self._finish(head, route, exc.status, started=started)
 
@@ -496,13 +499,14 @@ class Http2Connection:
         st.ended_out = end
         try:
             self.conn.send_headers(st.id, rules.client_headers(status, headers), end_stream=end)
-        except StreamClosedError as exc:
+        except ProtocolError as exc:  # the stream, or the whole connection, closed
             raise Gone("stream closed") from exc
         if flush:
             await self.side.flush()
 
     async def _to_client(self, st: _Stream, data: bytes, *, flush: bool = True) -> None:
         st.bytes_out += len(data)
+        self.guard.sent(len(data))  # the WINDOW_UPDATEs it will bring are not a flood
         await self.side.send_data(
             st.id, data, window_timeout=self.listener.idle_timeout.seconds, flush=flush
         )
@@ -514,7 +518,7 @@ class Http2Connection:
                 self.conn.send_headers(st.id, trailers, end_stream=True)
             else:
                 self.conn.end_stream(st.id)
-        except StreamClosedError as exc:
+        except ProtocolError as exc:  # the stream, or the whole connection, closed
             raise Gone("stream closed") from exc
         await self.side.flush()
 
@@ -634,7 +638,10 @@ class Http2Connection:
         started = trio.current_time()
         backend = H2Upstream.of(up, idle)
         try:
-            await self._exchange_h2(st, backend)
+            try:
+                await self._exchange_h2(st, backend)
+            except ProtocolError as exc:  # h2 refused what the backend's state allows
+                raise BadGateway("backend broke HTTP/2", log_detail=f"h2: {exc}") from exc
         except BaseException:
             await discard(up)
             raise
@@ -670,7 +677,7 @@ class Http2Connection:
 
         async def guarded_pump() -> None:
             # The backend ended or reset the stream: the response side tells.
-            with suppress(Gone, StreamClosedError):
+            with suppress(Gone, ProtocolError):
                 await pump()
 
         if no_body:
@@ -695,7 +702,7 @@ class Http2Connection:
                 if event.data:
                     await self._to_client(st, event.data)
                 if event.flow_controlled_length:
-                    with suppress(StreamClosedError):
+                    with suppress(ProtocolError):
                         conn.acknowledge_received_data(
                             event.flow_controlled_length, event.stream_id
                         )

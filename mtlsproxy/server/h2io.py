@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import trio
 from h2.connection import H2Connection
-from h2.exceptions import StreamClosedError
+from h2.exceptions import ProtocolError
 
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
 
@@ -84,7 +84,7 @@ class H2Side:
                     piece, view = view[:room], view[room:]
                     last = end_stream and not view
                     conn.send_data(stream_id, bytes(piece), end_stream=last)
-            except StreamClosedError as exc:
+            except ProtocolError as exc:  # the stream was reset, or the connection closed
                 raise Gone("stream closed") from exc
             if room > 0 or not view:
                 if not view:
