@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from h2 import events
+from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, PingFrame
 from hypothesis import given
 from hypothesis import strategies as st
 from test_relay_connection import IDENT
@@ -168,8 +169,6 @@ def test_ping_and_settings_floods_are_abuse() -> None:
 
 
 def _frames() -> tuple[bytes, list[tuple[int, int]], bytes]:
-    from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, PingFrame
-
     data = DataFrame(1, data=b"x" * 3000)
     goaway = GoAwayFrame(0, last_stream_id=3, error_code=0, additional_data=b"bye")
     bad = GoAwayFrame(0, last_stream_id=5, error_code=2)
