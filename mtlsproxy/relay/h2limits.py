@@ -105,8 +105,8 @@ class AbuseGuard:
 
     def check(self, event: events.Event, now: float) -> None:
         """Count ``event``; raise Abuse when a budget is exhausted."""
-        if isinstance(event, events.StreamReset):
-            if event.remote_reset and not self.resets.spend(now):
+        if isinstance(event, events.StreamReset):  # by the client, or by h2 after its
+            if not self.resets.spend(now):  # bad frame (remote_reset False): MadeYouReset
                 raise Abuse("too many stream resets")
         elif isinstance(event, (events.PingReceived, events.RemoteSettingsChanged)):
             if not self.pings.spend(now):
