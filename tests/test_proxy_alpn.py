@@ -113,6 +113,26 @@ def channel(port: int, ca: CertificateAuthority, pair: Pair) -> grpc.Channel:
     )
 
 
+def grpc_calls(port: int, ca: CertificateAuthority, pair: Pair) -> None:
+    """The calls every gRPC path must carry: each RPC shape, an error status with its
+    details, a deadline, and the channel living on after both."""
+    with channel(port, ca, pair) as ch:
+        say = ch.unary_unary("/game.Echo/Say")
+        assert say(b"hello", timeout=10) == b"echo:hello"
+        count = ch.unary_stream("/game.Echo/Count")
+        assert list(count(b"5", timeout=10)) == [b"0", b"1", b"2", b"3", b"4"]
+        total = ch.stream_unary("/game.Echo/Sum")
+        assert total(iter([b"1", b"2", b"39"]), timeout=10) == b"42"
+        with pytest.raises(grpc.RpcError) as denied:
+            say(b"forbidden", timeout=10)
+        assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert denied.value.details() == "players may not do that"  # grpc-message, intact
+        with pytest.raises(grpc.RpcError) as late:
+            say(b"slow", timeout=0.5)
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert say(b"after", timeout=10) == b"echo:after"  # the connection lives on
+
+
 def test_grpc_through_a_tcp_listener_that_selects_h2(
     grpc_backend: int, tmp_path: Path, ca: CertificateAuthority, server_pair: Pair,
     client_pair: Pair,
@@ -120,7 +140,7 @@ def test_grpc_through_a_tcp_listener_that_selects_h2(
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             port = await start_proxy(nursery, tmp_path, ca, server_pair, grpc_backend, '["h2"]')
-            await trio.to_thread.run_sync(calls, port)
+            await trio.to_thread.run_sync(grpc_calls, port, ca, client_pair)
             with trio.fail_after(10):  # the session's line, once the channel has closed
                 while not (lines := (tmp_path / "access.log").read_text().splitlines()):
                     await trio.sleep(0.05)
@@ -128,23 +148,6 @@ def test_grpc_through_a_tcp_listener_that_selects_h2(
             assert record["kind"] == "tcp" and record["alpn"] == "h2"
             assert record["cn"] == "player-1" and record["bytes_in"] > 0
             nursery.cancel_scope.cancel()
-
-    def calls(port: int) -> None:
-        with channel(port, ca, client_pair) as ch:
-            say = ch.unary_unary("/game.Echo/Say")
-            assert say(b"hello", timeout=10) == b"echo:hello"
-            count = ch.unary_stream("/game.Echo/Count")
-            assert list(count(b"5", timeout=10)) == [b"0", b"1", b"2", b"3", b"4"]
-            total = ch.stream_unary("/game.Echo/Sum")
-            assert total(iter([b"1", b"2", b"39"]), timeout=10) == b"42"
-            with pytest.raises(grpc.RpcError) as denied:
-                say(b"forbidden", timeout=10)
-            assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
-            assert denied.value.details() == "players may not do that"  # grpc-message, intact
-            with pytest.raises(grpc.RpcError) as late:
-                say(b"slow", timeout=0.5)
-            assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            assert say(b"after", timeout=10) == b"echo:after"  # the connection lives on
 
     trio.run(main)
 

@@ -26,7 +26,7 @@ import trio
 from hyperframe.frame import Frame, GoAwayFrame
 from proxy_env import CLIENT_TIMEOUT, Env, decode, read_request, route, serve_raw
 from support import IssueFn, Pair, metric_sum, parse_metrics
-from test_proxy_alpn import _count, _say, _sum, channel, grpc_backend  # noqa: F401 - fixture
+from test_proxy_alpn import _count, _say, _sum, channel, grpc_backend, grpc_calls  # noqa: F401 - fixture
 from test_reload_live import rotatable, sha256_of
 
 from mtlsproxy.atomicfile import write_atomic
@@ -320,24 +320,6 @@ backends = ["127.0.0.1:{port}"]
 upstream_protocol = "h2"
 {extra}
 """
-
-
-def grpc_calls(port: int, ca: CertificateAuthority, pair: Pair) -> None:
-    with channel(port, ca, pair) as ch:
-        say = ch.unary_unary("/game.Echo/Say")
-        assert say(b"hello", timeout=10) == b"echo:hello"
-        count = ch.unary_stream("/game.Echo/Count")
-        assert list(count(b"5", timeout=10)) == [b"0", b"1", b"2", b"3", b"4"]
-        total = ch.stream_unary("/game.Echo/Sum")
-        assert total(iter([b"1", b"2", b"39"]), timeout=10) == b"42"
-        with pytest.raises(grpc.RpcError) as denied:
-            say(b"forbidden", timeout=10)
-        assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        assert denied.value.details() == "players may not do that"  # grpc-message, intact
-        with pytest.raises(grpc.RpcError) as late:
-            say(b"slow", timeout=0.5)
-        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert say(b"after", timeout=10) == b"echo:after"  # the connection lives on
 
 
 async def test_grpc_through_an_http_listener_to_an_h2c_backend(
