@@ -346,9 +346,8 @@ class Http2Connection:
                 self.session.close(exc.standing)  # this stream is answered; then GOAWAY
             self._refuse(stream_id, exc, head, route=None)
             return
-        if event.stream_ended is not None:
-            st.ended = True
-            st.body.send_nowait(None)
+        # A request without a body ends its stream with its head: h2 reports that as a
+        # StreamEnded event too, right after this one, and that event ends the body.
         self._streams[stream_id] = st
         assert self._nursery is not None
         self._nursery.start_soon(self._serve_stream, st)
