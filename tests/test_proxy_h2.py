@@ -521,3 +521,32 @@ async def test_a_connection_that_starts_during_a_drain_still_gets_its_request_an
         assert client.goaway is not None and client.goaway.last_stream_id == 1
     finally:
         client.close()
+
+
+async def test_a_client_leaving_gracefully_still_gets_its_answers(
+    make_env: Any, nursery: Any
+) -> None:
+    """A client's GOAWAY(NO_ERROR) says "no more streams from me", not "drop mine"."""
+    arrived, release = trio.Event(), trio.Event()
+
+    async def slow(stream: trio.SocketStream) -> None:
+        await read_request(stream)
+        arrived.set()
+        await release.wait()
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\ndone")
+
+    port = await serve_raw(nursery, slow)
+    env = await make_env(routes=route([port]), backends=0)
+    client = await in_thread(H2Client, env)
+    try:
+        sid = await in_thread(client.start, "/slow")
+        with trio.fail_after(10):
+            await arrived.wait()
+        goaway = GoAwayFrame(0, last_stream_id=0, error_code=0).serialize()
+        await in_thread(client.sock.sendall, goaway)  # behind h2's back: it would close
+        await trio.sleep(0.1)
+        release.set()
+        assert await in_thread(client.response, sid) == (200, b"done")
+        await in_thread(client.wait_closed)  # nothing left: the proxy closes
+    finally:
+        client.close()

@@ -179,6 +179,7 @@ def grpc_timeout(headers: Headers) -> float | None:
 
 _GOAWAY = 0x7
 _FRAME_HEAD = 9
+PREFACE = len(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")  # a client's first bytes
 
 
 class GoAwaySplitter:
@@ -186,7 +187,8 @@ class GoAwaySplitter:
 
     h2 closes its whole state machine on a received GOAWAY (python-hyper/h2#1181), so a
     graceful one (NO_ERROR, "finish what you have", as gRPC servers send on
-    ``max_connection_age`` and at shutdown) would fail the stream in flight. The splitter
+    ``max_connection_age`` and at shutdown, and clients when they leave) would fail the
+    streams in flight. The splitter
     follows the frame boundaries (9-byte header, 24-bit length), passes every other byte
     on for h2 as it comes, and hands back each GOAWAY as ``(last_stream_id, error_code)``.
     A GOAWAY longer than ``MAX_GOAWAY`` goes to h2 like any frame, which refuses it as
@@ -197,9 +199,11 @@ class GoAwaySplitter:
 
     __slots__ = ("_pending", "_through")
 
-    def __init__(self) -> None:
+    def __init__(self, *, preface: int = 0) -> None:
         self._pending = b""
-        self._through = 0  # bytes of the current frame still to pass on
+        # Bytes of the current frame still to pass on; first, on a server, the client's
+        # 24-byte preface (PREFACE), which is not a frame (h2 checks it).
+        self._through = preface
 
     def feed(self, data: bytes) -> tuple[bytes, list[tuple[int, int]]]:
         buffer = self._pending + data if self._pending else data

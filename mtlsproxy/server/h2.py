@@ -169,6 +169,9 @@ class Http2Connection:
         self._reading = trio.CancelScope()
         self._goaway_sent = False
         self._abusive = False  # a budget broken outside the reader (see _premature)
+        # The client's GOAWAYs are read here, not by h2, which would let no stream in
+        # flight answer after one (python-hyper/h2#1181).
+        self._splitter = rules.GoAwaySplitter(preface=rules.PREFACE)
 
     # ---- the connection ------------------------------------------------------------
 
@@ -205,6 +208,12 @@ class Http2Connection:
                 data = await self._receive()
                 if not data:
                     return
+                data, goaways = self._splitter.feed(data)
+                if any(code != 0 for _, code in goaways):
+                    log.info("client %s: GOAWAY with an error: closing", self.session.peer)
+                    return  # the client gave up on the connection: so do we
+                if goaways:  # graceful: it opens no more streams; ours may finish
+                    self._goaway_sent = True
                 try:
                     received = self.conn.receive_data(data)
                 except ProtocolError as exc:  # h2 queued its GOAWAY
@@ -324,9 +333,6 @@ class Http2Connection:
             self.side.window_opened(event.stream_id)
         elif isinstance(event, events.RemoteSettingsChanged):
             self.side.window_opened(0)
-        elif isinstance(event, events.ConnectionTerminated):
-            self._goaway_sent = True  # the client is leaving: no new streams, no GOAWAY
-            self._set_idle_clock()
 
     def _on_request(self, event: events.RequestReceived) -> None:
         stream_id = event.stream_id
