@@ -197,3 +197,12 @@ def test_an_oversized_goaway_is_left_to_h2_to_refuse() -> None:
     head = (rules.GoAwaySplitter.MAX_GOAWAY + 1).to_bytes(3, "big") + b"\x07\x00\x00\x00\x00\x00"
     out, found = rules.GoAwaySplitter().feed(head + b"\x00" * 100)
     assert out == head + b"\x00" * 100 and found == []
+
+
+def test_on_a_server_the_splitter_passes_the_client_preface_first() -> None:
+    everything, goaways, others = _frames()
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+    splitter = rules.GoAwaySplitter(preface=rules.PREFACE)
+    out1, found1 = splitter.feed(preface[:10])
+    out2, found2 = splitter.feed(preface[10:] + everything)
+    assert out1 + out2 == preface + others and found1 + found2 == goaways
