@@ -550,3 +550,48 @@ async def test_a_client_leaving_gracefully_still_gets_its_answers(
         await in_thread(client.wait_closed)  # nothing left: the proxy closes
     finally:
         client.close()
+
+
+async def test_request_trailers_reach_an_h2_backend_without_forged_identity(
+    make_env: Any, nursery: Any
+) -> None:
+    seen: list[list[tuple[bytes, bytes]]] = []
+
+    async def backend(stream: trio.SocketStream) -> None:
+        conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=False, header_encoding=None)
+        )
+        conn.initiate_connection()
+        await stream.send_all(conn.data_to_send())
+        while data := await stream.receive_some(65536):
+            for event in conn.receive_data(data):
+                if isinstance(event, (h2.events.RequestReceived, h2.events.TrailersReceived)):
+                    seen.append(list(event.headers))
+                elif isinstance(event, h2.events.StreamEnded):
+                    conn.send_headers(event.stream_id, [(b":status", b"200")])
+                    conn.send_data(event.stream_id, b"ok", end_stream=True)
+            await stream.send_all(conn.data_to_send())
+
+    port = await serve_raw(nursery, backend)
+    env = await make_env(routes=grpc_routes(port), backends=0)
+    client = await in_thread(H2Client, env)
+
+    def send() -> tuple[int, bytes]:
+        sid = client.conn.get_next_available_stream_id()
+        headers = [(b":method", b"POST"), (b":scheme", b"https"),
+                   (b":authority", client.authority), (b":path", b"/t")]  # fmt: skip
+        client.conn.send_headers(sid, headers)
+        client.conn.send_data(sid, b"body")
+        client.conn.send_headers(sid, [(b"x-forwarded-client-cert", b"Hash=forged"),
+                                       (b"checksum", b"abc")], end_stream=True)  # fmt: skip
+        client.sock.sendall(client.conn.data_to_send())
+        return client.response(sid)
+
+    try:
+        assert await in_thread(send) == (200, b"ok")
+    finally:
+        client.close()
+    head, trailers = seen
+    assert next(v for n, v in head if n == b"x-forwarded-client-cert").startswith(b"Hash=")
+    assert b"forged" not in b"".join(v for _, v in head)
+    assert trailers == [(b"checksum", b"abc")]

@@ -206,3 +206,11 @@ def test_on_a_server_the_splitter_passes_the_client_preface_first() -> None:
     out1, found1 = splitter.feed(preface[:10])
     out2, found2 = splitter.feed(preface[10:] + everything)
     assert out1 + out2 == preface + others and found1 + found2 == goaways
+
+
+def test_request_trailers_never_carry_a_field_the_proxy_owns() -> None:
+    trailers = rules.upstream_trailers([
+        (b"x-forwarded-client-cert", b"Hash=forged"), (b"client_cert", b":Zm9yZ2Vk:"),
+        (b"X-Forwarded-For", b"10.6.6.6"), (b"checksum", b"abc"), (b":path", b"/admin"),
+    ])  # fmt: skip
+    assert trailers == [(b"checksum", b"abc")]

@@ -31,7 +31,7 @@ from http import HTTPStatus
 from mtlsproxy.relay.errors import BadRequest
 from mtlsproxy.relay.framing import _HOST, _MAX_CL_DIGITS, FIELD_VALUE, Framing
 from mtlsproxy.relay.h1 import RequestHead
-from mtlsproxy.relay.headers import HOP_BY_HOP, Headers, client_response_headers
+from mtlsproxy.relay.headers import HOP_BY_HOP, PROXY_OWNED, Headers, client_response_headers
 
 VERSION = b"2"
 # What a request may carry to a backend beyond HTTP/1.1's fields: TE with "trailers"
@@ -150,6 +150,17 @@ def client_trailers(headers: Headers) -> Headers:
         (name.lower(), value)
         for name, value in headers
         if name[:1] != b":" and name.lower() not in HOP_BY_HOP
+    ]
+
+
+def upstream_trailers(headers: Headers) -> Headers:
+    """A client's request trailers for an HTTP/2 backend: as ``client_trailers``, and
+    never a field the proxy owns (XFCC, Client-Cert, X-Forwarded-*..., any spelling): a
+    backend that merges trailers into headers must not find a forged identity there."""
+    return [
+        (name, value)
+        for name, value in client_trailers(headers)
+        if name.replace(b"_", b"-") not in PROXY_OWNED
     ]
 
 

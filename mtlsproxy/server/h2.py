@@ -55,10 +55,6 @@ from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
 
 from mtlsproxy import accesslog
-from mtlsproxy.config import Listener
-from mtlsproxy.denylist import DenyList
-from mtlsproxy.identity import Identity, PeerCertificates
-from mtlsproxy.metrics import Metrics
 from mtlsproxy.relay import h2 as rules
 from mtlsproxy.relay.errors import BadGateway, Forbidden, GatewayTimeout, HttpError, RequestTimeout
 from mtlsproxy.relay.exchange import Refused, admit, keeps_alive
@@ -67,12 +63,10 @@ from mtlsproxy.relay.h1 import END, LAST_CHUNK, NEED_DATA, Body, RequestHead, Re
 from mtlsproxy.relay.h1 import request_head as h1_request_head
 from mtlsproxy.relay.h2limits import MAX_STREAMS, Abuse, AbuseGuard
 from mtlsproxy.relay.headers import Headers, forwarding_headers, upstream_request_headers
-from mtlsproxy.relay.routing import RouteTable
 from mtlsproxy.server.h2io import Gone, H2Side
 from mtlsproxy.server.h2upstream import H2Upstream
-from mtlsproxy.server.http import RouteRuntime, connect
-from mtlsproxy.server.upstream import Upstream, UpstreamPool, discard
-from mtlsproxy.sessions import Session
+from mtlsproxy.server.http import RouteRuntime, ServedConnection, connect
+from mtlsproxy.server.upstream import Upstream, discard
 
 log = logging.getLogger("mtlsproxy.http2")
 
@@ -115,36 +109,13 @@ class _Stream:
         self.upstream: str | None = None
 
 
-class Http2Connection:
+class Http2Connection(ServedConnection):
     """Serves one HTTP/2 client connection (the same inputs as ``HttpConnection``)."""
 
-    def __init__(
-        self,
-        stream: trio.abc.HalfCloseableStream,
-        *,
-        session: Session,
-        listener: Listener,
-        routes: RouteTable[RouteRuntime],
-        pool: UpstreamPool,
-        deny_list: Callable[[], DenyList],
-        metrics: Metrics,
-        client_ip: str,
-        access: accesslog.AccessLog,
-        proxy_header: Callable[[], bytes] = lambda: b"",
-        peer_certificates: Callable[[], PeerCertificates | None] = lambda: None,
-    ) -> None:
-        self.stream = stream
-        self.session = session
-        self.identity: Identity = session.identity
-        self.listener = listener
-        self.routes = routes
-        self.pool = pool
-        self.deny_list = deny_list
-        self.metrics = metrics
-        self.client_ip = client_ip
-        self.access = access
-        self.proxy_header = proxy_header
-        self.peer_certificates = peer_certificates
+    # Not slotted like HttpConnection: an HTTP/2 connection carries many streams, its
+    # per-instance dict is small beside them.
+    def _prepare(self) -> None:
+        listener = self.listener
         self.clean_end = False  # always a lingering close: the client may still be sending
         config = H2Configuration(client_side=False, header_encoding=None)
         conn = H2Connection(config)
@@ -159,7 +130,7 @@ class Http2Connection:
         )
         # From the first frame on, not only once the client acknowledged our SETTINGS.
         conn.decoder.max_header_list_size = listener.max_header_size
-        self.side = H2Side(conn, stream, listener.idle_timeout.seconds)
+        self.side = H2Side(conn, self.stream, listener.idle_timeout.seconds)
         self.conn = conn
         self.guard = AbuseGuard()
         self._streams: dict[int, _Stream] = {}
@@ -324,7 +295,7 @@ class Http2Connection:
                 st.body.send_nowait(None)
         elif isinstance(event, events.TrailersReceived):
             if (st := self._streams.get(event.stream_id)) is not None:
-                st.trailers = rules.client_trailers(event.headers)
+                st.trailers = rules.upstream_trailers(event.headers)
         elif isinstance(event, events.StreamReset):
             if (st := self._streams.get(event.stream_id)) is not None:
                 st.scope.cancel()  # the client gave up on it: so do we, backend included
