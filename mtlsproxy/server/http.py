@@ -168,8 +168,10 @@ async def connect(
     raise BadGateway("no backend answered")
 
 
-class HttpConnection:
-    """Serves one client connection: any trio stream, plus what is known of the peer.
+class ServedConnection:
+    """What serving one client connection needs, whatever its protocol (HTTP/1.1 here,
+    HTTP/2 in ``server.h2``): any trio stream, the session (its identity), the listener
+    and its routes, the pool, metrics, the access log, and what is known of the peer.
 
     ``deny_list`` gives the current deny list (the credential store's); ``proxy_header``
     makes the PROXY v2 header for this client when a route asks for one;
@@ -179,26 +181,8 @@ class HttpConnection:
 
     # One per client connection, alive as long as it is: no per-instance dict.
     __slots__ = (
-        "_allowed",
-        "_clock",
-        "_current",
-        "_forwarding",
-        "_phase",
-        "_pumping",
-        "_reader",
-        "access",
-        "clean_end",
-        "client_ip",
-        "deny_list",
-        "identity",
-        "listener",
-        "metrics",
-        "peer_certificates",
-        "pool",
-        "proxy_header",
-        "routes",
-        "session",
-        "stream",
+        "access", "clean_end", "client_ip", "deny_list", "identity", "listener", "metrics",
+        "peer_certificates", "pool", "proxy_header", "routes", "session", "stream",
     )  # fmt: skip
 
     def __init__(
@@ -231,7 +215,21 @@ class HttpConnection:
         # True when the connection ends with no unread input from the client, so a
         # plain close cannot turn into a RST that destroys the last response.
         self.clean_end = False
-        self._reader = MessageReader(max_head=listener.max_header_size)
+        self._prepare()
+
+    def _prepare(self) -> None:
+        """What the protocol keeps per connection (the subclass's part of __init__)."""
+
+
+class HttpConnection(ServedConnection):
+    """Serves one HTTP/1.1 client connection."""
+
+    __slots__ = (
+        "_allowed", "_clock", "_current", "_forwarding", "_phase", "_pumping", "_reader",
+    )  # fmt: skip
+
+    def _prepare(self) -> None:
+        self._reader = MessageReader(max_head=self.listener.max_header_size)
         self._clock: trio.CancelScope  # made by run(), with the first head's deadline
         self._phase = _IDLE
         self._pumping = False  # the request body's pump runs: the response head waits
