@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import deque
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from datetime import UTC, datetime
@@ -81,8 +82,8 @@ class _Stream:
     """One admitted request stream."""
 
     __slots__ = (
-        "body", "bytes_in", "bytes_out", "ended", "ended_out", "error", "head", "id",
-        "incoming", "limit", "responded", "route", "scope", "status", "target", "trailers",
+        "arrived", "bytes_in", "bytes_out", "chunks", "ended", "ended_out", "error", "head",
+        "id", "limit", "responded", "route", "scope", "status", "target", "trailers",
         "upstream",
     )  # fmt: skip
 
@@ -94,9 +95,11 @@ class _Stream:
         self.target = target
         self.route = route
         self.scope = trio.CancelScope()
-        # Body chunks with their flow-controlled length; None ends the body. Unbounded
-        # in count, bounded in bytes by the stream window we only reopen as we forward.
-        self.body, self.incoming = trio.open_memory_channel[tuple[bytes, int] | None](math.inf)
+        # Body chunks with their flow-controlled length, in order; ``ended`` says no more
+        # will come. Unbounded in count, bounded in bytes by the stream window, which we
+        # only reopen as we forward. ``arrived``: set when a chunk or the end arrives.
+        self.chunks: deque[tuple[bytes, int]] = deque()
+        self.arrived: trio.Event | None = None
         self.limit: BodyLimit | None = None
         self.error: HttpError | None = None  # found by the reader (a body over the limit)
         self.trailers: Headers | None = None
@@ -107,6 +110,20 @@ class _Stream:
         self.bytes_in = 0
         self.bytes_out = 0
         self.upstream: str | None = None
+
+    def wake(self) -> None:
+        if self.arrived is not None:
+            self.arrived.set()
+            self.arrived = None
+
+    async def next_chunk(self) -> tuple[bytes, int] | None:
+        """The next body chunk (None: the body ended); waits without a bound."""
+        while not self.chunks:
+            if self.ended:
+                return None
+            self.arrived = arrived = trio.Event()
+            await arrived.wait()
+        return self.chunks.popleft()
 
 
 class Http2Connection(ServedConnection):
@@ -292,7 +309,7 @@ class Http2Connection(ServedConnection):
         elif isinstance(event, events.StreamEnded):
             if (st := self._streams.get(event.stream_id)) is not None:
                 st.ended = True
-                st.body.send_nowait(None)
+                st.wake()
         elif isinstance(event, events.TrailersReceived):
             if (st := self._streams.get(event.stream_id)) is not None:
                 st.trailers = rules.upstream_trailers(event.headers)
@@ -356,7 +373,8 @@ class Http2Connection(ServedConnection):
             self._acknowledge(event.stream_id, event.flow_controlled_length)
             st.scope.cancel()
             return
-        st.body.send_nowait((data, event.flow_controlled_length))
+        st.chunks.append((data, event.flow_controlled_length))
+        st.wake()
 
     def _acknowledge(self, stream_id: int, length: int) -> None:
         if length:
@@ -437,13 +455,8 @@ class Http2Connection(ServedConnection):
 
     def _release_unread(self, st: _Stream) -> None:
         """Body bytes nobody will forward: reopen the client's windows for them."""
-        while True:
-            try:
-                item = st.incoming.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel):
-                return
-            if item is not None:
-                self._acknowledge(st.id, item[1])
+        while st.chunks:
+            self._acknowledge(st.id, st.chunks.popleft()[1])
 
     def _premature(self) -> None:
         """A stream ended by a reset of h2's own: counted as a client reset."""
@@ -501,7 +514,7 @@ class Http2Connection(ServedConnection):
     async def _next_chunk(self, st: _Stream) -> tuple[bytes, int] | None:
         """The client's next body chunk (None: the body ended), for idle_timeout."""
         with trio.move_on_after(self.listener.idle_timeout.seconds) as waited:
-            return await st.incoming.receive()
+            return await st.next_chunk()
         assert waited.cancelled_caught
         raise RequestTimeout("request body stalled")
 
@@ -560,7 +573,6 @@ class Http2Connection(ServedConnection):
         except (trio.TooSlowError, *_STREAM_ERRORS) as exc:
             raise BadGateway("backend connection failed") from exc
         if _bodiless(st):  # one direction only: no second task
-            st.incoming.receive_nowait()  # the None that ends it
             sent = True
             await self._relay_h1_response(st, up)
             return True
@@ -634,8 +646,6 @@ class Http2Connection(ServedConnection):
         up_id = backend.start()
         headers = rules.upstream_h2_headers(st.head, st.target, self._upstream_headers(st))
         no_body = _bodiless(st)
-        if no_body:
-            st.incoming.receive_nowait()  # the None that ends it
         conn.send_headers(up_id, headers, end_stream=no_body)
         await backend.side.flush()
 
@@ -731,7 +741,7 @@ class Http2Connection(ServedConnection):
 
 def _bodiless(st: _Stream) -> bool:
     """The stream's request has no body: the client ended it and only the end is queued."""
-    return st.ended and st.incoming.statistics().current_buffer_used == 1
+    return st.ended and not st.chunks
 
 
 async def _read_backend(up: Upstream, timeout: float, *, started: bool) -> None:
