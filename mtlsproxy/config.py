@@ -403,9 +403,17 @@ _TYPE_WORDS = {
     "bool": "true or false",
     "null": "nothing",
 }
-_ALL_KEYS = sorted(
-    {f for s in (AllowRule, Route, Listener, TLS, Admin, Log, Config) for f in s.__struct_fields__}
-)
+_TABLES = (AllowRule, Route, Listener, TLS, Admin, Log, Config)
+_TABLE_NAMES = {
+    "AllowRule": "allow rules",
+    "Route": "[[listeners.routes]]",
+    "Listener": "[[listeners]]",
+    "TLS": "[tls]",
+    "Admin": "[admin]",
+    "Log": "[log]",
+    "Config": "the top level",
+}
+_ALL_KEYS = sorted({f for s in _TABLES for f in s.__struct_fields__})
 
 
 def _explain(message: str) -> tuple[str | None, str]:
@@ -417,6 +425,10 @@ def _explain(message: str) -> tuple[str | None, str]:
         if key != key.lower() and key.lower() in _keys_of(_field_type(key_path)):
             # `OU = "ops"`: TOML keys are case-sensitive, and every key here is lowercase.
             reason = f"unknown key {key!r}; did you mean {key.lower()!r}? (keys are lowercase)"
+        elif owners := [s.__name__ for s in _TABLES if key in s.__struct_fields__]:
+            # A real key in the wrong table (`alpn` on a route): say where it goes.
+            places = " or ".join(_TABLE_NAMES[o] for o in owners)
+            reason = f"unknown key {key!r} here; it belongs to {places}"
         else:
             hint = difflib.get_close_matches(key, _ALL_KEYS, n=1)
             reason = f"unknown key {key!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")

@@ -156,6 +156,13 @@ allow = [{ cn = "player-1" }]
          "unknown key 'OU'; did you mean 'ou'? (keys are lowercase)"),
         (('listen = "127.0.0.1:9901"', 'Listen = "127.0.0.1:9901"'), "admin.Listen",
          "did you mean 'listen'?"),
+        (('path_prefix = "/"', 'path_prefix = "/"\nalpn = ["h2"]'),
+         "listeners[0].routes[0].alpn", "unknown key 'alpn' here; it belongs to [[listeners]]"),
+        (('backends = ["127.0.0.1:8080"]', 'backends = ["127.0.0.1:8080"]\nupstream_protocol = "h3"'),
+         "listeners[0].routes[0].upstream_protocol",
+         '\'h3\' is not one of the allowed values; upstream_protocol takes "h2" or "http/1.1"'),
+        (('path_prefix = "/"', 'path_prefix = "/"\nwebsocket = true\nupstream_protocol = "h2"'),
+         "listeners[0].routes[0]", 'websocket = true needs upstream_protocol = "http/1.1"'),
     ],
 )  # fmt: skip
 def test_mistakes_name_file_key_path_and_reason(
