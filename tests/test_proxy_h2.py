@@ -595,3 +595,43 @@ async def test_request_trailers_reach_an_h2_backend_without_forged_identity(
     assert next(v for n, v in head if n == b"x-forwarded-client-cert").startswith(b"Hash=")
     assert b"forged" not in b"".join(v for _, v in head)
     assert trailers == [(b"checksum", b"abc")]
+
+
+async def test_an_empty_data_frame_does_not_end_a_chunked_body_early(
+    make_env: Any, nursery: Any
+) -> None:
+    """Go's transport ends an upload of unknown length with an empty DATA frame: that must
+    not become HTTP/1.1's last chunk (the backend would read the real end as a request)."""
+    received = bytearray()
+    done = trio.Event()
+
+    async def backend(stream: trio.SocketStream) -> None:
+        while not received.endswith(b"\r\n0\r\n\r\n"):
+            data = await stream.receive_some(65536)
+            if not data:
+                return
+            received.extend(data)
+        done.set()
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+
+    port = await serve_raw(nursery, backend)
+    env = await make_env(routes=route([port]), backends=0)
+    client = await in_thread(H2Client, env)
+
+    def send() -> tuple[int, bytes]:
+        sid = client.conn.get_next_available_stream_id()
+        client.conn.send_headers(sid, [(b":method", b"POST"), (b":scheme", b"https"),
+                                       (b":authority", client.authority), (b":path", b"/u")])  # fmt: skip
+        client.conn.send_data(sid, b"abc")
+        client.conn.send_data(sid, b"")  # empty, mid-body
+        client.conn.send_data(sid, b"def")
+        client.conn.send_data(sid, b"", end_stream=True)  # empty, with END_STREAM
+        client.sock.sendall(client.conn.data_to_send())
+        return client.response(sid)
+
+    try:
+        assert await in_thread(send) == (200, b"ok")
+    finally:
+        client.close()
+    body = bytes(received).split(b"\r\n\r\n", 1)[1]
+    assert body == b"3\r\nabc\r\n3\r\ndef\r\n0\r\n\r\n"

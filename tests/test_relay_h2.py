@@ -214,3 +214,24 @@ def test_request_trailers_never_carry_a_field_the_proxy_owns() -> None:
         (b"X-Forwarded-For", b"10.6.6.6"), (b"checksum", b"abc"), (b":path", b"/admin"),
     ])  # fmt: skip
     assert trailers == [(b"checksum", b"abc")]
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        ({b":path": b"/admin? /public"}, "malformed :path"),
+        ({b":path": b"/a\x7f"}, "malformed :path"),
+        ({b":method": b"G T"}, "malformed method"),
+    ],
+)
+def test_what_would_rewrite_the_http_1_1_request_line_is_refused(
+    change: dict[bytes, bytes], error: str
+) -> None:
+    with pytest.raises(BadRequest, match=error):
+        rules.request_head([(n, change.get(n, v)) for n, v in GET], end_stream=True)
+
+
+@pytest.mark.parametrize("name", [b"x@y", b'x-forwarded-client-cert"', b"a/b", b"{x}"])
+def test_header_names_http_1_1_refuses_are_refused(name: bytes) -> None:
+    with pytest.raises(BadRequest, match="malformed header field name"):
+        rules.request_head([*GET, (name, b"v")], end_stream=True)

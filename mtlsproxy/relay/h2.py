@@ -29,7 +29,7 @@ from __future__ import annotations
 from http import HTTPStatus
 
 from mtlsproxy.relay.errors import BadRequest
-from mtlsproxy.relay.framing import _HOST, _MAX_CL_DIGITS, FIELD_VALUE, Framing
+from mtlsproxy.relay.framing import _HOST, _MAX_CL_DIGITS, _TOKEN, FIELD_VALUE, TARGET, Framing
 from mtlsproxy.relay.h1 import RequestHead
 from mtlsproxy.relay.headers import HOP_BY_HOP, PROXY_OWNED, Headers, client_response_headers
 
@@ -46,6 +46,12 @@ def request_head(headers: Headers, *, end_stream: bool) -> RequestHead:
     method, path, scheme = pseudo.get(b":method"), pseudo.get(b":path"), pseudo.get(b":scheme")
     if method is None or path is None or scheme is None:
         raise BadRequest("missing pseudo-header")
+    # The HTTP/1.1 leg's syntax: the method a token, the target visible ASCII (a space or
+    # a control byte in it would rewrite the request line the backend reads).
+    if not _TOKEN.fullmatch(method):
+        raise BadRequest("malformed method")
+    if not TARGET.fullmatch(path):
+        raise BadRequest("malformed :path")
     if method == b"CONNECT":
         raise BadRequest("CONNECT is not supported")
     if scheme != b"https":
@@ -79,6 +85,8 @@ def _split(headers: Headers) -> tuple[dict[bytes, bytes], Headers]:
             if name not in _PSEUDO:  # :protocol (extended CONNECT) is not enabled
                 raise BadRequest("unsupported pseudo-header")
             pseudo[name] = value  # h2 lets each through once
+        elif not _TOKEN.fullmatch(name):  # h2 lets `x@y` and `a"` through; HTTP/1.1 not
+            raise BadRequest("malformed header field name")
         elif not FIELD_VALUE.fullmatch(value):  # the HTTP/1.1 floor, on both versions
             raise BadRequest("control character in header field value")
         else:

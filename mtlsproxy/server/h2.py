@@ -363,6 +363,9 @@ class Http2Connection(ServedConnection):
             self._acknowledge(event.stream_id, event.flow_controlled_length)
             return
         data = event.data
+        if not data:  # padding only: nothing to forward (an empty chunk would end a body)
+            self._acknowledge(event.stream_id, event.flow_controlled_length)
+            return
         st.bytes_in += len(data)
         try:
             assert st.limit is not None
@@ -678,7 +681,10 @@ class Http2Connection(ServedConnection):
             event = await backend.next_event(timeout)
             # A 1xx is an InformationalResponseReceived, not relayed (left unmatched).
             if isinstance(event, events.ResponseReceived):
-                status = int(dict(event.headers).get(b":status", b"0"))
+                raw = dict(event.headers).get(b":status", b"")
+                if not (len(raw) == 3 and raw.isdigit() and 200 <= int(raw) <= 599):
+                    raise BadGateway("backend sent a malformed status")
+                status = int(raw)
                 fields = [(n, v) for n, v in event.headers if n[:1] != b":"]
                 ended = event.stream_ended is not None
                 await self._respond(st, status, fields, end=ended)

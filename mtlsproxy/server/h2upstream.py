@@ -22,6 +22,7 @@ from h2 import events
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.exceptions import ProtocolError
+from h2.settings import SettingCodes, Settings
 
 from mtlsproxy.relay.errors import BadGateway, GatewayTimeout
 from mtlsproxy.relay.h2 import GoAwaySplitter
@@ -40,6 +41,8 @@ class H2Upstream:
     def __init__(self, stream: trio.abc.Stream, write_timeout: float) -> None:
         config = H2Configuration(client_side=True, header_encoding=None)
         conn = H2Connection(config)
+        # No server push: pushed streams would hold the connection window shut.
+        conn.local_settings = Settings(client=True, initial_values={SettingCodes.ENABLE_PUSH: 0})
         conn.initiate_connection()  # the preface and our SETTINGS, sent with the first flush
         self.side = H2Side(conn, stream, write_timeout)
         self._events: deque[events.Event] = deque()
