@@ -522,9 +522,10 @@ class Http2Connection(ServedConnection):
         raise RequestTimeout("request body stalled")
 
     def _read_timeout(self, st: _Stream) -> float:
-        timeout = st.route.config.read_timeout.seconds
-        asked = rules.grpc_timeout(st.head.headers)
-        return timeout if asked is None else max(timeout, asked)
+        """The route's ``read_timeout``, per read, whatever ``grpc-timeout`` asks: a
+        client's header must not stretch the operator's bound (the client enforces its
+        own deadline; a call shorter than read_timeout is not broken by it)."""
+        return float(st.route.config.read_timeout.seconds)
 
     # ---- to an HTTP/1.1 backend ----------------------------------------------------
 
