@@ -57,7 +57,7 @@ from hyperframe.frame import GoAwayFrame
 
 from mtlsproxy import accesslog
 from mtlsproxy.relay import h2 as rules
-from mtlsproxy.relay.errors import BadGateway, Forbidden, GatewayTimeout, HttpError, RequestTimeout
+from mtlsproxy.relay.errors import BadGateway, GatewayTimeout, HttpError, RequestTimeout
 from mtlsproxy.relay.exchange import Refused, admit, keeps_alive
 from mtlsproxy.relay.framing import BodyLimit
 from mtlsproxy.relay.h1 import END, LAST_CHUNK, NEED_DATA, Body, RequestHead, ResponseHead, chunk
@@ -152,7 +152,6 @@ class Http2Connection(ServedConnection):
         self.guard = AbuseGuard()
         self._streams: dict[int, _Stream] = {}
         self._forwarding: dict[int, Headers] = {}
-        self._allowed: dict[int, bool] = {}
         self._nursery: trio.Nursery | None = None
         self._reading = trio.CancelScope()
         self._goaway_sent = False
@@ -332,7 +331,7 @@ class Http2Connection(ServedConnection):
             head = rules.request_head(event.headers, end_stream=event.stream_ended is not None)
             deny = self.deny_list()
             target, route = admit(head, self.routes, self.identity, deny, datetime.now(UTC))
-            self._authorize(route)
+            self._check_allowed(route)
             st = _Stream(stream_id, head, target, route)
             st.limit = BodyLimit(self.listener.max_body_size or None, head.framing)
         except HttpError as exc:
@@ -345,17 +344,6 @@ class Http2Connection(ServedConnection):
         self._streams[stream_id] = st
         assert self._nursery is not None
         self._nursery.start_soon(self._serve_stream, st)
-
-    def _authorize(self, route: RouteRuntime) -> None:
-        allowed = self._allowed.get(route.index)
-        if allowed is None:
-            allowed = route.allow is None or route.allow.admits(self.identity)
-            self._allowed[route.index] = allowed
-        if not allowed:
-            raise Forbidden(
-                "client certificate not allowed on this route",
-                log_detail=f"route {route.label}: no allow rule matched",
-            )
 
     def _on_data(self, event: events.DataReceived) -> None:
         st = self._streams.get(event.stream_id)

@@ -181,8 +181,8 @@ class ServedConnection:
 
     # One per client connection, alive as long as it is: no per-instance dict.
     __slots__ = (
-        "access", "clean_end", "client_ip", "deny_list", "identity", "listener", "metrics",
-        "peer_certificates", "pool", "proxy_header", "routes", "session", "stream",
+        "_allowed", "access", "clean_end", "client_ip", "deny_list", "identity", "listener",
+        "metrics", "peer_certificates", "pool", "proxy_header", "routes", "session", "stream",
     )  # fmt: skip
 
     def __init__(
@@ -215,7 +215,21 @@ class ServedConnection:
         # True when the connection ends with no unread input from the client, so a
         # plain close cannot turn into a RST that destroys the last response.
         self.clean_end = False
+        self._allowed: dict[int, bool] = {}  # the allow rules' verdict, per route
         self._prepare()
+
+    def _check_allowed(self, route: RouteRuntime) -> None:
+        """Forbidden unless the route's allow rules admit this identity (asked once per
+        connection and route)."""
+        allowed = self._allowed.get(route.index)
+        if allowed is None:
+            allowed = route.allow is None or route.allow.admits(self.identity)
+            self._allowed[route.index] = allowed
+        if not allowed:
+            raise Forbidden(
+                "client certificate not allowed on this route",
+                log_detail=f"route {route.label}: no allow rule matched",
+            )
 
     def _prepare(self) -> None:
         """What the protocol keeps per connection (the subclass's part of __init__)."""
@@ -225,7 +239,7 @@ class HttpConnection(ServedConnection):
     """Serves one HTTP/1.1 client connection."""
 
     __slots__ = (
-        "_allowed", "_clock", "_current", "_forwarding", "_phase", "_pumping", "_reader",
+        "_clock", "_current", "_forwarding", "_phase", "_pumping", "_reader",
     )  # fmt: skip
 
     def _prepare(self) -> None:
@@ -237,7 +251,6 @@ class HttpConnection(ServedConnection):
         # Per connection and route, not per request: XFF, X-Forwarded-Proto and the
         # route's identity headers, and the verdict of the route's allow rules.
         self._forwarding: dict[int, Headers] = {}
-        self._allowed: dict[int, bool] = {}
 
     async def run(self) -> None:
         connected = trio.current_time()  # the handshake has just ended
@@ -427,16 +440,7 @@ class HttpConnection(ServedConnection):
         )
 
     def _authorize(self, exchange: Exchange[RouteRuntime]) -> None:
-        route = exchange.route
-        allowed = self._allowed.get(route.index)
-        if allowed is None:
-            allowed = route.allow is None or route.allow.admits(self.identity)
-            self._allowed[route.index] = allowed
-        if not allowed:
-            raise Forbidden(
-                "client certificate not allowed on this route",
-                log_detail=f"route {route.label}: no allow rule matched",
-            )
+        self._check_allowed(exchange.route)
         exchange.limit_body(self.listener.max_body_size or None)
 
     async def _refuse(
