@@ -124,6 +124,20 @@ class H2Client:
         self.sock.close()
 
 
+async def slow_backend(nursery: Any) -> tuple[int, trio.Event, trio.Event]:
+    """An HTTP/1.1 backend that answers "done" once ``release`` is set; ``arrived``: the
+    request is at the backend."""
+    arrived, release = trio.Event(), trio.Event()
+
+    async def slow(stream: trio.SocketStream) -> None:
+        await read_request(stream)
+        arrived.set()
+        await release.wait()
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\ndone")
+
+    return await serve_raw(nursery, slow), arrived, release
+
+
 async def in_thread(fn: Any, *args: Any) -> Any:
     with trio.fail_after(CLIENT_TIMEOUT + 5):
         return await trio.to_thread.run_sync(fn, *args)
@@ -284,15 +298,7 @@ async def test_a_denied_identity_gets_403_on_its_stream_then_goaway(
 async def test_a_drain_lets_the_stream_in_flight_finish_after_goaway(
     make_env: Any, nursery: Any
 ) -> None:
-    arrived, release = trio.Event(), trio.Event()
-
-    async def slow(stream: trio.SocketStream) -> None:
-        await read_request(stream)
-        arrived.set()
-        await release.wait()
-        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\ndone")
-
-    port = await serve_raw(nursery, slow)
+    port, arrived, release = await slow_backend(nursery)
     env = await make_env(routes=route([port]), backends=0)
     client = await in_thread(H2Client, env)
     try:
@@ -527,15 +533,7 @@ async def test_a_client_leaving_gracefully_still_gets_its_answers(
     make_env: Any, nursery: Any
 ) -> None:
     """A client's GOAWAY(NO_ERROR) says "no more streams from me", not "drop mine"."""
-    arrived, release = trio.Event(), trio.Event()
-
-    async def slow(stream: trio.SocketStream) -> None:
-        await read_request(stream)
-        arrived.set()
-        await release.wait()
-        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\ndone")
-
-    port = await serve_raw(nursery, slow)
+    port, arrived, release = await slow_backend(nursery)
     env = await make_env(routes=route([port]), backends=0)
     client = await in_thread(H2Client, env)
     try:

@@ -113,15 +113,6 @@ def test_responses_and_trailers_lose_hop_by_hop_fields() -> None:
     assert trailers == [(b"grpc-status", b"7"), (b"grpc-message", b"no")]
 
 
-@pytest.mark.parametrize(
-    ("value", "seconds"),
-    [(b"1S", 1.0), (b"1500m", 1.5), (b"2M", 120.0), (b"1H", 3600.0), (b"10u", 1e-5),
-     (b"123456789S", None), (b"S", None), (b"1x", None), (b"-1S", None)],
-)  # fmt: skip
-def test_grpc_timeout_is_read_as_the_spec_writes_it(value: bytes, seconds: float | None) -> None:
-    assert rules.grpc_timeout([(b"grpc-timeout", value)]) == pytest.approx(seconds)
-
-
 # ---- budgets -------------------------------------------------------------------------
 
 

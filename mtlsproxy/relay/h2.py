@@ -26,12 +26,11 @@ The abuse limits of a connection (resets, control frames) are ``relay.h2limits``
 
 from __future__ import annotations
 
-from http import HTTPStatus
-
 from mtlsproxy.relay.errors import BadRequest
 from mtlsproxy.relay.framing import _HOST, _MAX_CL_DIGITS, _TOKEN, FIELD_VALUE, TARGET, Framing
 from mtlsproxy.relay.h1 import RequestHead
 from mtlsproxy.relay.headers import HOP_BY_HOP, PROXY_OWNED, Headers, client_response_headers
+from mtlsproxy.relay.responses import error_body
 
 VERSION = b"2"
 # What a request may carry to a backend beyond HTTP/1.1's fields: TE with "trailers"
@@ -173,27 +172,14 @@ def upstream_trailers(headers: Headers) -> Headers:
 
 
 def error_response(status: int, reason: str, *, head_only: bool = False) -> tuple[Headers, bytes]:
-    """The proxy's own answer on a stream: the same text as ``relay.responses``."""
-    body = f"{status} {HTTPStatus(status).phrase}: {reason}\n".encode()
+    """The proxy's own answer on a stream: the text of ``relay.responses``."""
+    body = error_body(status, reason)
     headers: Headers = [
         (b":status", b"%d" % status),
         (b"content-type", b"text/plain; charset=utf-8"),
         (b"content-length", b"%d" % len(body)),
     ]
     return headers, b"" if head_only else body
-
-
-_GRPC_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
-
-
-def grpc_timeout(headers: Headers) -> float | None:
-    """The deadline a gRPC client sent (``grpc-timeout: 1500m``), in seconds; None when
-    absent or malformed (at most 8 digits and a unit, per the gRPC HTTP/2 spec)."""
-    value = next((v for n, v in headers if n == b"grpc-timeout"), None)
-    if value is None or not 2 <= len(value) <= 9 or not value[:-1].isdigit():
-        return None
-    unit = _GRPC_UNITS.get(value[-1:])
-    return None if unit is None else int(value[:-1]) * unit
 
 
 _GOAWAY = 0x7

@@ -12,9 +12,14 @@ from __future__ import annotations
 from http import HTTPStatus
 
 
+def error_body(status: int, reason: str) -> bytes:
+    """The one line every error response of the proxy says, HTTP/1.1 or HTTP/2."""
+    return f"{status} {HTTPStatus(status).phrase}: {reason}\n".encode()
+
+
 def error_response(status: int, reason: str, *, head_only: bool = False) -> bytes:
     phrase = HTTPStatus(status).phrase
-    body = f"{status} {phrase}: {reason}\n".encode()
+    body = error_body(status, reason)
     head = (
         f"HTTP/1.1 {status} {phrase}\r\n"
         "Content-Type: text/plain; charset=utf-8\r\n"

@@ -129,6 +129,8 @@ class _Stream:
 class Http2Connection(ServedConnection):
     """Serves one HTTP/2 client connection (the same inputs as ``HttpConnection``)."""
 
+    PROTOCOL = "h2"
+
     # Not slotted like HttpConnection: an HTTP/2 connection carries many streams, its
     # per-instance dict is small beside them.
     def _prepare(self) -> None:
@@ -404,7 +406,7 @@ class Http2Connection(ServedConnection):
                 self.conn.send_data(stream_id, body, end_stream=True)
         except ProtocolError:
             pass  # reset by the client meanwhile
-        self._finish(head, route, exc.status, started=started)
+        self._record(head, route, exc.status, started=started)
 
     # ---- one stream ----------------------------------------------------------------
 
@@ -434,7 +436,7 @@ class Http2Connection(ServedConnection):
                     self._reset(st.id, ErrorCodes.INTERNAL_ERROR)
                 elif st.scope.cancelled_caught or not st.ended_out:
                     self._reset(st.id, ErrorCodes.CANCEL)  # the client left, or we cut it
-                self._finish(
+                self._record(
                     st.head, st.route, st.status or 499, bytes_in=st.bytes_in,
                     bytes_out=st.bytes_out, upstream=st.upstream, started=started,
                 )  # fmt: skip
@@ -697,41 +699,6 @@ class Http2Connection(ServedConnection):
             elif isinstance(event, events.StreamReset):
                 backend.closed = True
                 raise BadGateway("backend reset the stream")
-
-    # ---- counting ------------------------------------------------------------------
-
-    def _finish(
-        self,
-        head: RequestHead | None,
-        route: RouteRuntime | None,
-        status: int,
-        *,
-        bytes_in: int = 0,
-        bytes_out: int = 0,
-        upstream: str | None = None,
-        started: float | None = None,
-    ) -> None:
-        """Count a stream that got an answer, and write its access log line: once."""
-        metrics, listener = self.metrics, self.listener.label
-        label = route.label if route is not None else None
-        metrics.child(metrics.requests, listener, label or "-", f"{status // 100}xx").inc()
-        if bytes_in:
-            metrics.child(metrics.bytes, listener, "in").inc(bytes_in)
-        if bytes_out:
-            metrics.child(metrics.bytes, listener, "out").inc(bytes_out)
-        self.access.write_session(
-            "http",
-            self.session,
-            trio.current_time() - started if started is not None else 0.0,
-            route=label,
-            method=head.method.decode("ascii", "replace") if head is not None else None,
-            path=accesslog.path_of(head.target) if head is not None else None,
-            status=status,
-            bytes_in=bytes_in,
-            bytes_out=bytes_out,
-            upstream=upstream,
-            alpn="h2",
-        )
 
 
 def _bodiless(st: _Stream) -> bool:

@@ -179,6 +179,8 @@ class ServedConnection:
     route, by a route that forwards RFC 9440's Client-Cert).
     """
 
+    PROTOCOL: str | None = None  # the access log's ``alpn`` of its requests
+
     # One per client connection, alive as long as it is: no per-instance dict.
     __slots__ = (
         "_allowed", "access", "clean_end", "client_ip", "deny_list", "identity", "listener",
@@ -233,6 +235,43 @@ class ServedConnection:
 
     def _prepare(self) -> None:
         """What the protocol keeps per connection (the subclass's part of __init__)."""
+
+    def _record(
+        self,
+        head: RequestHead | None,
+        route: RouteRuntime | None,
+        status: int,
+        *,
+        bytes_in: int = 0,
+        bytes_out: int = 0,
+        upstream: str | None = None,
+        started: float | None = None,
+        log: bool = True,
+    ) -> None:
+        """Count one answered request (an HTTP/1.1 exchange, an HTTP/2 stream) in the
+        metrics and, with ``log``, write its access-log line."""
+        metrics, listener = self.metrics, self.listener.label
+        label = route.label if route is not None else None
+        metrics.child(metrics.requests, listener, label or "-", f"{status // 100}xx").inc()
+        if bytes_in:
+            metrics.child(metrics.bytes, listener, "in").inc(bytes_in)
+        if bytes_out:
+            metrics.child(metrics.bytes, listener, "out").inc(bytes_out)
+        if not log or not self.access.enabled:
+            return
+        self.access.write_session(
+            "http",
+            self.session,
+            trio.current_time() - started if started is not None else 0.0,
+            route=label,
+            method=head.method.decode("ascii", "replace") if head is not None else None,
+            path=accesslog.path_of(head.target) if head is not None else None,
+            status=status,
+            bytes_in=bytes_in,
+            bytes_out=bytes_out,
+            upstream=upstream,
+            alpn=self.PROTOCOL,
+        )
 
 
 class HttpConnection(ServedConnection):
@@ -472,29 +511,16 @@ class HttpConnection(ServedConnection):
         status: int,
         started: float | None,
     ) -> None:
-        """Count a request that got an answer, and write its access log line: once."""
-        metrics, listener = self.metrics, self.listener.label
-        route = exchange.route.label if exchange is not None else None
-        metrics.child(metrics.requests, listener, route or "-", f"{status // 100}xx").inc()
-        if exchange is not None:
-            if exchange.bytes_in:
-                metrics.child(metrics.bytes, listener, "in").inc(exchange.bytes_in)
-            if exchange.bytes_out:
-                metrics.child(metrics.bytes, listener, "out").inc(exchange.bytes_out)
-        if status == 101 or not self.access.enabled:
-            return  # a WebSocket session is logged when it ends
-        self.access.write_session(
-            "http",
-            self.session,
-            trio.current_time() - started if started is not None else 0.0,
-            route=route,
-            method=head.method.decode("ascii", "replace") if head is not None else None,
-            path=accesslog.path_of(head.target) if head is not None else None,
-            status=status,
-            bytes_in=exchange.bytes_in if exchange is not None else 0,
-            bytes_out=exchange.bytes_out if exchange is not None else 0,
-            upstream=exchange.upstream if exchange is not None else None,
-        )
+        """Count a request that got an answer, and write its access log line: once (a
+        WebSocket session is logged when it ends)."""
+        if exchange is None:
+            self._record(head, None, status, started=started, log=status != 101)
+        else:
+            self._record(
+                head, exchange.route, status, bytes_in=exchange.bytes_in,
+                bytes_out=exchange.bytes_out, upstream=exchange.upstream, started=started,
+                log=status != 101,
+            )  # fmt: skip
 
     # ---- 3. forward ----------------------------------------------------------------
 
