@@ -194,7 +194,7 @@ class Http2Connection(ServedConnection):
         self._reading.deadline = trio.current_time() + listener.header_timeout.seconds
         with self._reading:
             while True:
-                data = await self._receive()
+                data = await self._receive_or_eof()
                 if not data:
                     return
                 data, goaways = self._splitter.feed(data)
@@ -236,13 +236,6 @@ class Http2Connection(ServedConnection):
             self._count_goaway("idle")
             self._goaway(ErrorCodes.NO_ERROR)  # idle too long, or no request in time
             await self._flush_last()
-
-    async def _receive(self) -> bytes:
-        try:
-            return bytes(await self.stream.receive_some(RECEIVE_SIZE))
-        except _STREAM_ERRORS as exc:
-            log.debug("client %s: connection ended: %s", self.session.peer, exc)
-            return b""
 
     def _set_idle_clock(self) -> None:
         """No stream: the connection may wait idle_timeout (or the first request's clock

@@ -236,6 +236,15 @@ class ServedConnection:
     def _prepare(self) -> None:
         """What the protocol keeps per connection (the subclass's part of __init__)."""
 
+    async def _receive_or_eof(self) -> bytes:
+        try:
+            return bytes(await self.stream.receive_some(RECEIVE_SIZE))
+        except _STREAM_ERRORS as exc:
+            # A reset between requests (or streams) is a client hanging up (often one
+            # that never read the TLS 1.3 session tickets), not an error worth more.
+            log.debug("client %s: connection ended: %s", self.session.peer, exc)
+            return b""
+
     def _record(
         self,
         head: RequestHead | None,
@@ -451,15 +460,6 @@ class HttpConnection(ServedConnection):
             if not data and not reader.untouched:
                 return None  # the client gave up half-way through a head
             reader.receive_data(data)
-
-    async def _receive_or_eof(self) -> bytes:
-        try:
-            return bytes(await self.stream.receive_some(RECEIVE_SIZE))
-        except _STREAM_ERRORS as exc:
-            # A reset between requests is a client hanging up (often one that never read
-            # the TLS 1.3 session tickets), not an error worth more than this.
-            log.debug("client %s: connection ended: %s", self.session.peer, exc)
-            return b""
 
     # ---- 2. decide -----------------------------------------------------------------
 
