@@ -12,6 +12,7 @@ import hashlib
 import socket
 import ssl
 from concurrent import futures
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -633,3 +634,19 @@ async def test_an_empty_data_frame_does_not_end_a_chunked_body_early(
         client.close()
     body = bytes(received).split(b"\r\n\r\n", 1)[1]
     assert body == b"3\r\nabc\r\n3\r\ndef\r\n0\r\n\r\n"
+
+
+async def test_an_expiring_certificate_gets_goaway_on_its_live_connection(
+    make_env: Any, creds: Path, issue: IssueFn
+) -> None:
+    env = await rotatable(make_env, creds)
+    short = issue("client", "short-lived", ttl=timedelta(seconds=2))
+    client = await in_thread(H2Client, env, short)
+    try:
+        assert (await in_thread(client.request, "/"))[0] == 200
+        await in_thread(client.wait_closed)
+        assert client.goaway is not None and client.goaway.error_code == 0
+    finally:
+        client.close()
+    labels = {"listener": "127.0.0.1:0", "reason": "expired"}
+    assert env.proxy.metrics.sample("mtlsproxy_sessions_closed_total", labels) == 1
